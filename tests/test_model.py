@@ -1,0 +1,197 @@
+"""model.py against transformers: tiny random Llama / Qwen2 / Mistral checkpoints built here."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+VARIANTS = {
+    "llama": lambda: transformers.LlamaConfig(**TINY, rope_theta=10000.0),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, rope_theta=1e6, tie_word_embeddings=True),
+    # a window shorter than the test sequences, so the sliding-window mask is exercised
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=6),
+    "llama3.1-rope": lambda: transformers.LlamaConfig(
+        **TINY, rope_theta=500000.0, head_dim=32,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "llama-bias": lambda: transformers.LlamaConfig(**TINY, attention_bias=True),
+}
+MODEL_CLS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def write_tokenizer(path, vocab_size=TINY["vocab_size"]):
+    """A word-level tokenizer.json so the checkpoint directory is complete."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+
+
+def make_checkpoint(tmp_path, variant, shard_size=None):
+    torch.manual_seed(0)
+    cfg = VARIANTS[variant]()
+    hf = getattr(transformers, MODEL_CLS[cfg.model_type])(cfg).eval()
+    hf.save_pretrained(tmp_path, **({"max_shard_size": shard_size} if shard_size else {}))
+    write_tokenizer(tmp_path)
+    return hf
+
+
+def padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [13, 9, 5]
+    ids = torch.randint(3, TINY["vocab_size"], (3, 13), generator=g)
+    mask = torch.zeros(3, 13, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_match_transformers_on_padded_batch(tmp_path, variant, side):
+    hf = make_checkpoint(tmp_path, variant)
+    ours, _ = M.load(tmp_path, dtype="float32")
+    ids, mask = padded_batch()
+    if side == "left":
+        mask = mask.flip(1)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    diff = (ref[real] - got[real]).abs().max().item()
+    print(f"{variant} {side}-padded max |logit diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral", "llama3.1-rope"])
+def test_greedy_generation_matches_generate(tmp_path, variant):
+    hf = make_checkpoint(tmp_path, variant)
+    ours, _ = M.load(tmp_path, dtype="float32")
+    prompt = torch.tensor([[1, 17, 42, 99, 7, 250, 31]])
+    with torch.no_grad():
+        ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, prompt.shape[1]:]
+        # incremental decoding through our KV cache
+        cache = ours.new_cache(1, prompt.shape[1] + 20)
+        nxt = ours(prompt, cache=cache, logits_at="last").argmax(-1)
+        out, pos = [nxt.item()], prompt.shape[1]
+        for _ in range(19):
+            nxt = ours(nxt[:, None], cache=cache, cache_pos=pos, logits_at="last").argmax(-1)
+            out.append(nxt.item())
+            pos += 1
+    assert out == ref.tolist()
+
+
+def test_left_padded_cached_decoding_matches_unpadded(tmp_path):
+    """Batched generation with left padding: every row decodes as it would alone."""
+    make_checkpoint(tmp_path, "qwen2")
+    ours, _ = M.load(tmp_path, dtype="float32")
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    steps = 8
+    with torch.no_grad():
+        cache = ours.new_cache(3, T + steps)
+        nxt = ours(ids, attention_mask=mask, cache=cache, logits_at="last").argmax(-1)
+        batch_out = [nxt]
+        for i in range(steps - 1):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+            nxt = ours(nxt[:, None], attention_mask=mask, cache=cache, cache_pos=T + i, logits_at="last").argmax(-1)
+            batch_out.append(nxt)
+        batch_out = torch.stack(batch_out, 1)
+        for row, p in enumerate(prompts):
+            x = torch.tensor([p])
+            for _ in range(steps):
+                x = torch.cat([x, ours(x, logits_at="last").argmax(-1, keepdim=True)], 1)
+            assert x[0, len(p):].tolist() == batch_out[row].tolist()
+
+
+def test_two_shard_checkpoint_loads(tmp_path):
+    hf = make_checkpoint(tmp_path, "llama", shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    ours, _ = M.load(tmp_path, dtype="float32")
+    ids, mask = padded_batch(1)
+    with torch.no_grad():
+        diff = (hf(input_ids=ids, attention_mask=mask).logits - ours(ids, attention_mask=mask))[mask.bool()]
+    assert diff.abs().max().item() < 1e-4
+
+
+def test_hidden_states_and_forward_from_compose(tmp_path):
+    """Layers 0..L-1 then L..end, head only at chosen positions, equals the full forward."""
+    make_checkpoint(tmp_path, "llama")
+    ours, _ = M.load(tmp_path, dtype="float32")
+    ids, mask = padded_batch(2)
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask)
+        h = ours.hidden_states(ids, layer=2, attention_mask=mask)
+        part = ours.forward_from(h, layer=2, attention_mask=mask, logits_at=mask.bool())
+    torch.testing.assert_close(part, full[mask.bool()], rtol=0, atol=1e-5)
+
+
+def test_config_spellings_old_and_new_agree():
+    new = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+               intermediate_size=128, vocab_size=100, dtype="bfloat16",
+               rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192})
+    old = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+               intermediate_size=128, vocab_size=100, torch_dtype="bfloat16", rope_theta=500000.0,
+               rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    a, b = M.ModelArgs.from_config(new), M.ModelArgs.from_config(old)
+    assert a.rope_theta == b.rope_theta == 500000.0 and a.torch_dtype == b.torch_dtype == "bfloat16"
+    torch.testing.assert_close(M.precompute_inv_freq(a), M.precompute_inv_freq(b))
+
+
+# -- broken checkpoints: one line naming the file and the problem ------------------------------
+
+def broken(tmp_path, how):
+    make_checkpoint(tmp_path, "llama")
+    cfg_path = tmp_path / "config.json"
+    if how == "no-config":
+        cfg_path.unlink()
+    elif how == "model-type":
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model_type"] = "gpt2"
+        cfg_path.write_text(json.dumps(cfg))
+    elif how in ("missing-tensor", "wrong-shape"):
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(tmp_path / "model.safetensors")
+        if how == "missing-tensor":
+            del sd["model.layers.1.mlp.down_proj.weight"]
+        else:
+            sd["model.norm.weight"] = torch.ones(65)
+        save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    elif how == "bin-only":
+        (tmp_path / "model.safetensors").unlink()
+        (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+
+
+@pytest.mark.parametrize("how,words", [
+    ("no-config", ["config.json", "missing"]),
+    ("model-type", ["config.json", "gpt2", "not supported"]),
+    ("missing-tensor", ["model.layers.1.mlp.down_proj.weight", "missing"]),
+    ("wrong-shape", ["model.safetensors", "model.norm.weight", "(65,)", "(64,)"]),
+    ("bin-only", [".bin", "safetensors"]),
+])
+def test_broken_checkpoint_gives_one_clear_line(tmp_path, how, words):
+    broken(tmp_path, how)
+    with pytest.raises(M.CheckpointError) as e:
+        M.load(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
