@@ -35,7 +35,14 @@ class Edit:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loaders: one small function per layout, picked by the keys of the first record.
+# Loaders: one small function per layout, picked by the keys of the first record. Every record is
+# then checked against that layout, so a bad record 1712 is reported by its index and field.
+
+
+class _BadField(Exception):
+    def __init__(self, field: str, problem: str):
+        super().__init__(field, problem)
+        self.field, self.problem = field, problem
 
 
 def _as_list(x) -> list:
@@ -44,57 +51,153 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _first(x):
-    xs = _as_list(x)
-    return xs[0] if xs else None
+def _text(r: dict, key: str, required: bool = True) -> str:
+    """A non-empty string field; a one-element list (or a list of aliases) gives its first item."""
+    if key not in r or r[key] is None:
+        if required:
+            raise _BadField(key, "is missing")
+        return ""
+    v = r[key]
+    while isinstance(v, list) and v:  # ["Paris"], [["Paris", "Paris, France"]]: the first alias
+        v = v[0]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)  # numeric answers ("loc_ans": 12)
+    if not isinstance(v, str):
+        raise _BadField(key, f"should be text, got {type(r[key]).__name__}")
+    if required and not v.strip():
+        raise _BadField(key, "is empty")
+    return v
+
+
+def _texts(r: dict, key: str) -> list[str]:
+    """An optional field holding one string or a list of strings."""
+    v = r.get(key)
+    if v is None:
+        return []
+    items = v if isinstance(v, list) else [v]
+    for x in items:
+        if not isinstance(x, str):
+            raise _BadField(key, f"should be text or a list of text, got a {type(x).__name__} inside")
+    return [x for x in items if x.strip()]
+
+
+def _pairs(r: dict, prompt_key: str, answer_key: str) -> list[tuple[str, str]]:
+    """Locality (prompt, answer) pairs from two parallel fields (each one string or a list)."""
+    prompts = _texts(r, prompt_key)
+    answers = r.get(answer_key)
+    answers = [] if answers is None else (answers if isinstance(answers, list) and len(prompts) > 1 else [answers])
+    if prompts and len(answers) != len(prompts):
+        raise _BadField(answer_key, f"has {len(answers)} answers for {len(prompts)} prompts in {prompt_key!r}")
+    return [(p, _text({answer_key: a}, answer_key, required=False)) for p, a in zip(prompts, answers)]
 
 
 def _from_locft_zsre(r: dict) -> Edit:
-    # the LocFT authors' ZsRE: src / alt / rephrase / loc ("nq question: ...") / loc_ans / answers
-    return Edit(prompt=r["src"], target=r["alt"], subject=r.get("subject", ""),
-                rephrases=_as_list(r.get("rephrase")),
-                locality=[(p, str(a)) for p, a in zip(_as_list(r.get("loc")), _as_list(r.get("loc_ans")))],
-                old_answer=_first(r.get("answers")))
+    # the LocFT authors' ZsRE, which is also EasyEdit's zsre_mend_eval.json:
+    # src / alt / rephrase / loc ("nq question: ...") / loc_ans / answers / subject
+    return Edit(prompt=_text(r, "src"), target=_text(r, "alt"), subject=_text(r, "subject", False),
+                rephrases=_texts(r, "rephrase"), locality=_pairs(r, "loc", "loc_ans"),
+                old_answer=_text(r, "answers", False) or None)
 
 
-def _from_easyedit_zsre(r: dict) -> Edit:
-    # EasyEdit's ZsRE: prompt / target_new / ground_truth / rephrase_prompt / locality_prompt / locality_ground_truth
-    return Edit(prompt=r["prompt"], target=_first(r["target_new"]), subject=r.get("subject", ""),
-                rephrases=_as_list(r.get("rephrase_prompt")),
-                locality=[(p, str(_first(a))) for p, a in zip(_as_list(r.get("locality_prompt")),
-                                                              _as_list(r.get("locality_ground_truth")))],
-                old_answer=_first(r.get("ground_truth")))
+def _knowedit_locality(r: dict) -> list[tuple[str, str]]:
+    # KnowEdit (EasyEdit's benchmark files): {"Relation_Specificity": [{"prompt", "ground_truth"}]}
+    loc = r["locality"]
+    if not isinstance(loc, dict):
+        raise _BadField("locality", f"should be an object of lists, got {type(loc).__name__}")
+    pairs = []
+    for kind, items in loc.items():
+        for item in _as_list(items):
+            if not isinstance(item, dict) or "prompt" not in item:
+                raise _BadField(f"locality.{kind}", "should be a list of {prompt, ground_truth} objects")
+            pairs.append((_text(item, "prompt"), _text(item, "ground_truth", required=False)))
+    return pairs
+
+
+def _from_easyedit(r: dict) -> Edit:
+    # LocFT's CounterFact and WikiBigEdit, EasyEdit's / KnowEdit's ZsRE:
+    # prompt / target_new / ground_truth / rephrase_prompt (or rephrase) / locality_prompt /
+    # locality_ground_truth (or a KnowEdit "locality" object)
+    if "locality_prompt" in r or "locality" not in r:
+        locality = _pairs(r, "locality_prompt", "locality_ground_truth")
+    else:
+        locality = _knowedit_locality(r)
+    return Edit(prompt=_text(r, "prompt"), target=_text(r, "target_new"), subject=_text(r, "subject", False),
+                rephrases=_texts(r, "rephrase_prompt") or _texts(r, "rephrase"), locality=locality,
+                old_answer=_text(r, "ground_truth", False) or None)
 
 
 def _from_rome_counterfact(r: dict) -> Edit:
     # ROME / MEMIT CounterFact: requested_rewrite with a "{}" subject template
     rw = r["requested_rewrite"]
-    subject = rw["subject"]
-    old = rw.get("target_true", {}).get("str")
-    return Edit(prompt=rw["prompt"].format(subject), target=rw["target_new"]["str"], subject=subject,
-                rephrases=_as_list(r.get("paraphrase_prompts")),
+    if not isinstance(rw, dict):
+        raise _BadField("requested_rewrite", f"should be an object, got {type(rw).__name__}")
+    subject = _text(rw, "subject")
+    template = _text(rw, "prompt")
+    if "{}" not in template:
+        raise _BadField("requested_rewrite.prompt", 'has no "{}" where the subject goes')
+    for key in ("target_new", "target_true"):
+        if key in rw and not isinstance(rw[key], dict):
+            raise _BadField(f"requested_rewrite.{key}", f'should be an object with "str", got {type(rw[key]).__name__}')
+    if "target_new" not in rw:
+        raise _BadField("requested_rewrite.target_new", "is missing")
+    try:
+        target = _text(rw["target_new"], "str")
+        old = _text(rw.get("target_true", {}), "str", required=False) or None
+    except _BadField as e:
+        raise _BadField(f"requested_rewrite.target_*.{e.field}", e.problem) from None
+    return Edit(prompt=template.replace("{}", subject), target=target, subject=subject,
+                rephrases=_texts(r, "paraphrase_prompts"),
                 # neighbourhood prompts share the relation and keep the old answer
-                locality=[(p, old or "") for p in _as_list(r.get("neighborhood_prompts"))],
+                locality=[(p, old or "") for p in _texts(r, "neighborhood_prompts")],
                 old_answer=old)
 
 
+def _from_project(r: dict) -> Edit:
+    # this project's layout (data/demo_edits.json, and the edits.jsonl that edit.py writes):
+    # prompt / target / subject / rephrases / locality [[prompt, answer], ...] / old_answer
+    locality = r.get("locality") or []
+    if not isinstance(locality, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in locality):
+        raise _BadField("locality", "should be a list of [prompt, answer] pairs of text")
+    old = r.get("old_answer")
+    if old is not None and not isinstance(old, str):
+        raise _BadField("old_answer", f"should be text or null, got {type(old).__name__}")
+    return Edit(prompt=_text(r, "prompt"), target=_text(r, "target"), subject=_text(r, "subject", False),
+                rephrases=_texts(r, "rephrases"), locality=[tuple(p) for p in locality], old_answer=old)
+
+
 FORMATS = [
-    # (name, keys that identify it, converter)
+    # (name, keys that identify it, converter); the first whose keys the first record has wins
     ("ROME/MEMIT CounterFact", {"requested_rewrite"}, _from_rome_counterfact),
-    ("LocFT ZsRE", {"src", "alt"}, _from_locft_zsre),
-    ("CounterFact / WikiBigEdit / EasyEdit ZsRE", {"prompt", "target_new"}, _from_easyedit_zsre),
-    ("edit-jsonl (this project's edits.jsonl)", {"prompt", "target"}, lambda r: Edit(
-        prompt=r["prompt"], target=r["target"], subject=r.get("subject", ""),
-        rephrases=_as_list(r.get("rephrases")), locality=[tuple(p) for p in r.get("locality", [])],
-        old_answer=r.get("old_answer"))),
+    ("LocFT / EasyEdit ZsRE", {"src", "alt"}, _from_locft_zsre),
+    ("CounterFact / WikiBigEdit / KnowEdit (prompt, target_new)", {"prompt", "target_new"}, _from_easyedit),
+    ("this project's layout (prompt, target)", {"prompt", "target"}, _from_project),
 ]
+
+
+def detect_format(path, record) -> tuple[str, callable]:
+    """The (name, converter) of the layout whose identifying keys `record` has."""
+    if not isinstance(record, dict):
+        raise EditFileError(f"edits file {path}, record 0: expected an object, got {type(record).__name__}")
+    keys = set(record)
+    for name, needed, convert in FORMATS:
+        if needed <= keys:
+            return name, convert
+    known = "; ".join(f"{name}: {', '.join(sorted(k))}" for name, k, _ in FORMATS)
+    raise EditFileError(f"edits file {path}: unknown layout; keys seen in record 0: {', '.join(sorted(keys))}; "
+                        f"known layouts and the keys that identify them: {known}")
 
 
 def read_records(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise EditFileError(f"edits file {path}: does not exist")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise EditFileError(f"edits file {path}: is a directory")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EditFileError(f"edits file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".jsonl":
         records = []
         for i, line in enumerate(text.splitlines()):
@@ -119,44 +222,76 @@ def read_records(path: Path) -> list[dict]:
 
 
 def load_edits(path, n: int | None = None, seed: int | None = None) -> list[Edit]:
-    """Read an edit file of any known layout. `n` keeps the first n records, or, with `seed`,
-    a reproducible random subset of n (in file order)."""
+    """Read an edit file of any known layout (.json list or .jsonl, one record per line).
+
+    `n` keeps the first n records; with `seed` as well, a random subset of n that is the same for
+    the same file, n and seed (kept in file order). Only the kept records are converted; each is
+    checked, and a bad one is reported as `edits file F, record I: field "alt" is empty`.
+    """
     path = Path(path)
     records = read_records(path)
     if not records:
         raise EditFileError(f"edits file {path}: contains no records")
-    if not isinstance(records[0], dict):
-        raise EditFileError(f"edits file {path}, record 0: expected an object, got {type(records[0]).__name__}")
-    keys = set(records[0])
-    for name, needed, convert in FORMATS:
-        if needed <= keys:
-            break
-    else:
-        known = "; ".join(f"{name} ({', '.join(sorted(k))})" for name, k, _ in FORMATS)
-        raise EditFileError(f"edits file {path}: unknown layout, keys seen: {sorted(keys)}; known: {known}")
+    name, convert = detect_format(path, records[0])
+    idx = list(range(len(records)))
     if n is not None:
-        if n <= 0:
-            raise EditFileError(f"--n must be positive, got {n}")
-        idx = list(range(len(records)))
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise EditFileError(f"--n must be a positive whole number, got {n!r}")
         if seed is not None and n < len(records):
             idx = sorted(random.Random(seed).sample(idx, n))
-        records = [(i, records[i]) for i in idx[:n]]
-    else:
-        records = list(enumerate(records))
+        idx = idx[:n]
     edits = []
-    for i, r in records:
+    for i in idx:
+        r = records[i]
+        if not isinstance(r, dict):
+            raise EditFileError(f"edits file {path}, record {i}: expected an object, got {type(r).__name__}")
         try:
-            e = convert(r)
-        except KeyError as err:
-            raise EditFileError(f"edits file {path}, record {i}: field {err.args[0]!r} is missing ({name} layout)") from None
-        except (TypeError, AttributeError) as err:
-            raise EditFileError(f"edits file {path}, record {i}: malformed ({err})") from None
-        for fname in ("prompt", "target"):
-            v = getattr(e, fname)
-            if not isinstance(v, str) or not v.strip():
-                raise EditFileError(f"edits file {path}, record {i}: field {fname!r} is empty or not text")
-        edits.append(e)
+            edits.append(convert(r))
+        except _BadField as e:
+            raise EditFileError(f"edits file {path}, record {i}: field {e.field!r} {e.problem} ({name})") from None
+        except KeyError as e:
+            raise EditFileError(f"edits file {path}, record {i}: field {e.args[0]!r} is missing ({name})") from None
     return edits
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefix augmentation (paper appendix A.4, as in MEMIT / AlphaEdit): each edit prompt is also
+# trained behind short unrelated prefixes, so the edit survives text in front of the question
+# (CounterFact's rephrases are "noise sentence + paraphrase").
+
+PREFIXES = [
+    "The weather was mild that day.", "She opened the window and looked outside.", "It was late in the afternoon.",
+    "The meeting started a few minutes early.", "He poured himself a cup of tea.", "The train arrived on time.",
+    "Nobody said anything for a while.", "The shop on the corner was closed.", "A dog barked somewhere nearby.",
+    "The report was finished on Friday.", "They walked along the river.", "The lights flickered once.",
+    "It had rained all morning.", "The room smelled of fresh paint.", "Someone knocked at the door.",
+    "The children were playing outside.", "The bus was almost empty.", "Here is a short question.",
+    "Let me think about this.", "I read something interesting today.", "The coffee had gone cold.",
+    "A new season was about to begin.", "The library was quiet.", "We stopped for lunch at noon.",
+    "The phone rang twice.", "Her notes were neatly organised.", "The garden needed watering.",
+    "The film ended later than expected.", "A cold wind came from the north.", "He checked the time again.",
+    "The kitchen was warm and bright.", "Everyone agreed to meet again.", "The road curved to the left.",
+    "It was a busy week at work.", "The museum opened at nine.", "A few clouds drifted past.",
+    "The printer ran out of paper.", "She wrote a letter to her friend.", "The market was crowded.",
+    "The lecture covered many topics.", "He forgot his umbrella at home.", "The bridge was being repainted.",
+    "Quiz time.", "Another day, another question.", "The answer may surprise you.", "A student asked the teacher.",
+    "The snow melted quickly.", "They played cards after dinner.", "The ship left the harbour at dawn.",
+    "The bakery sold out of bread.",
+]
+
+
+def augment_prefixes(edits: list[Edit], k: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Training pairs: each edit's own (prompt, target), then k copies of it whose prompt is
+    "<prefix> <prompt>", with k distinct prefixes per edit drawn from PREFIXES (reproducible
+    for the same seed)."""
+    if k < 0 or k > len(PREFIXES):
+        raise ValueError(f"--augment-prefixes must be between 0 and {len(PREFIXES)}, got {k}")
+    rng = random.Random(seed)
+    pairs = []
+    for e in edits:
+        pairs.append((e.prompt, e.target))
+        pairs.extend((f"{p} {e.prompt}", e.target) for p in rng.sample(PREFIXES, k))
+    return pairs
 
 
 # ----------------------------------------------------------------------------------------------

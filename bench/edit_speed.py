@@ -1,0 +1,288 @@
+"""Edit speed: edit.py's LocFT-BF loop against a plain transformers loop doing the same algorithm.
+
+    python bench/edit_speed.py                      # CPU: SmolLM2-135M, first 100 ZsRE edits
+    python bench/edit_speed.py --gpu-synthetic      # GPU: random Qwen2.5-7B-shaped model, bf16, 3,000 edits
+    python bench/edit_speed.py --gpu-synthetic --shape tiny --device cpu   # the same code path, tiny
+
+Both loops train the same tensor on the same token ids with the same seed, lr, batch size,
+per-epoch shuffle (torch.Generator), per-sample averaged target CE, step skip below 1e-2 and
+early stop. The difference is the forward: transformers runs every layer over prompt + target
+and the LM head at every position; edit.py runs layers 0..L-1 once (the prefix cache) and the
+head only where a target token is predicted. Each loop runs in its own subprocess so peak RSS
+(or peak GPU memory) is its own. Reliability = greedy exact match on the edit prompts, computed
+the same way for both (our model with the trained tensor, cast to the checkpoint dtype as the
+delta file stores it). A script, not a test: it never asserts timings.
+"""
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import edit  # noqa: E402
+import model as model_lib  # noqa: E402
+
+SHAPES = {  # Qwen2.5-7B's config, and a tiny one to test the code path on a CPU
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+               pad_token_id=151643),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, rope_theta=1e6, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# The plain transformers loop: the authors' algorithm, full forward
+
+
+def hf_loss(hf, batch):
+    """Full forward over prompt + target, logits at every position, CE on targets, per-sample mean."""
+    logits = hf(input_ids=batch.ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    logits, labels, mask = logits[:, :-1].float(), batch.ids[:, 1:], batch.target_mask[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view(labels.shape)
+    per_sample = (ce * mask).sum(1) / mask.sum(1)
+    return per_sample.mean()
+
+
+def train_hf(hf, encoded, pad_id, name, cfg: edit.EditConfig, say=print):
+    dev = next(hf.parameters()).device
+    hf.requires_grad_(False)
+    frozen_dtype = next(hf.parameters()).dtype
+    orig = hf.get_parameter(name)
+    p = torch.nn.Parameter(orig.detach().float().clone())  # fp32 master copy, as edit.py
+    owner, attr = name.rsplit(".", 1)
+    setattr(hf.get_submodule(owner), attr, p)
+    opt = torch.optim.Adam([p], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    autocast = torch.autocast(dev.type, dtype=frozen_dtype, enabled=frozen_dtype != torch.float32)
+    g = torch.Generator().manual_seed(cfg.seed)
+    n, bs = len(encoded), cfg.batch_size
+    epochs = []
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.time()
+        perm = torch.randperm(n, generator=g).tolist()
+        losses, steps = [], 0
+        for s in range(0, n, bs):
+            batch = data.collate([encoded[i] for i in perm[s:s + bs]], pad_id).to(dev)
+            with autocast:
+                loss = hf_loss(hf, batch)
+            losses.append(loss.item())
+            if losses[-1] < edit.STOP_LOSS:
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+        mean = sum(losses) / len(losses)
+        epochs.append(mean)
+        say(f"  hf epoch {epoch}: loss {mean:.4f}, steps {steps}, {time.time() - t0:.1f}s")
+        if mean < edit.STOP_LOSS:
+            break
+    setattr(hf.get_submodule(owner), attr, orig)
+    return {name: p.detach()}, epochs
+
+
+# ----------------------------------------------------------------------------------------------
+# Reliability: greedy exact match on the edit prompts, the authors' stop rules
+
+
+def reliability(m, tok, edits) -> float:
+    try:
+        import evaluate as ev
+
+        preds = ev.generate(m, tok, [e.prompt for e in edits])
+        return sum(ev.exact_match(p, e.target) for p, e in zip(preds, edits)) / len(edits)
+    except (ImportError, AttributeError):
+        pass
+    import re
+    import string
+
+    def norm(s):  # SQuAD normalisation
+        s = "".join(c for c in s.lower() if c not in set(string.punctuation))
+        return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+    hits = 0
+    with torch.no_grad():
+        for e in edits:
+            ids, new = tok.encode(e.prompt), []
+            for _ in range(32):  # at most 32 new tokens, stop at EOS, "." or "\n"
+                nxt = int(m(torch.tensor([ids + new]), logits_at="last").argmax(-1))
+                if nxt in tok.eos_ids:
+                    break
+                new.append(nxt)
+                if any(c in tok.decode([nxt]) for c in ".\n"):
+                    break
+            text = tok.decode(new)
+            cut = min([i for i in (text.find("."), text.find("\n")) if i >= 0], default=len(text))
+            hits += norm(text[:cut]) == norm(e.target)
+    return hits / len(edits)
+
+
+def as_stored(trained, ckpt):
+    """The trained tensors rounded to the checkpoint's dtype, as delta.safetensors holds them."""
+    stored = edit.checkpoint_tensors(ckpt, trained)
+    return {n: t.to(stored[n][1].dtype).float() for n, t in trained.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# One run (in a subprocess)
+
+
+def run_one(a) -> dict:
+    torch.manual_seed(0)
+    torch.set_num_threads(torch.get_num_threads())
+    ckpt = Path(a.ckpt)
+    edits = data.load_edits(a.data, n=a.n)
+    cfg = edit.EditConfig(layer=a.layer, module="down_proj", lr=a.lr, batch_size=a.batch_size, epochs=a.epochs,
+                          seed=a.seed)
+    name = f"model.layers.{a.layer}.mlp.down_proj.weight"
+    quiet = (lambda s: print(s, file=sys.stderr, flush=True)) if a.verbose else (lambda s: None)
+    if a.only == "ours":
+        m, tok = model_lib.load(ckpt, dtype="float32")
+        t0 = time.time()
+        trained, log = edit.edit(m, tok, edits, cfg, say=quiet)
+        sec, epochs = time.time() - t0, log["epochs_run"]
+    else:
+        import transformers
+
+        m, tok = model_lib.load(ckpt, dtype="float32")  # its tokenizer: the same token ids for both loops
+        del m
+        hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        encoded = [data.encode_edit(tok, e.prompt, e.target) for e in edits]
+        t0 = time.time()
+        trained, losses = train_hf(hf, encoded, tok.pad_id, name, cfg, say=quiet)
+        sec, epochs = time.time() - t0, len(losses)
+        del hf
+    rss = peak_rss_mb()  # before evaluation loads anything more
+    m, tok = model_lib.load(ckpt, dtype="float32")
+    edit.load_tensors(m, as_stored(trained, ckpt))
+    return {"loop": a.only, "seconds": sec, "peak_rss_mb": rss, "epochs": epochs,
+            "reliability": reliability(m, tok, edits)}
+
+
+def run_synthetic(a) -> dict:
+    """A random Qwen2.5-7B-shaped model (bf16 on CUDA), 3,000 synthetic edits of ZsRE-like length."""
+    import transformers
+
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg_d = SHAPES[a.shape]
+    L = a.layer
+    V, eos, pad = cfg_d["vocab_size"], cfg_d["eos_token_id"], cfg_d["pad_token_id"]
+    g = torch.Generator().manual_seed(0)
+    rand = lambda k: torch.randint(3, min(V, 150000), (k,), generator=g).tolist()
+    # ZsRE-like: prompts of 8-16 tokens, answers of 2-6 tokens (+ EOS)
+    encoded = []
+    for _ in range(a.n_synthetic):
+        p, t = rand(int(torch.randint(8, 17, (1,), generator=g))), rand(int(torch.randint(2, 7, (1,), generator=g)))
+        encoded.append((p + t + [eos], len(p)))
+    ecfg = edit.EditConfig(layer=L, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, seed=a.seed)
+    name = f"model.layers.{L}.mlp.down_proj.weight"
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    with torch.device(dev):
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg_d)).to(dtype).eval()
+    if a.only == "ours":
+        args = model_lib.ModelArgs.from_config({"model_type": "qwen2", **cfg_d})
+        with torch.device("meta"):
+            m = model_lib.Transformer(args)
+        m.to_empty(device=dev).to(dtype)
+        m.inv_freq = model_lib.precompute_inv_freq(args).to(dev)
+        m.load_state_dict(hf.state_dict(), strict=False)  # the same random weights
+        del hf
+        m.requires_grad_(False).eval()
+        _sync(dev)
+        t0 = time.time()  # the prefix cache is part of our run's time
+        cache = edit.build_prefix_cache(m, encoded, pad, L, ecfg.cache_device)
+        params = {name: torch.nn.Parameter(m.get_parameter(name).detach().float().clone())}
+        orig = m.get_parameter(name)
+        edit._set_param(m, name, params[name])
+        opt = torch.optim.Adam(params.values(), lr=ecfg.lr)
+        autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+        log = edit.train_bf(m, cache, params, ecfg, opt, autocast, lambda s: print(s, file=sys.stderr, flush=True))
+        _sync(dev)
+        sec = time.time() - t0
+        edit._set_param(m, name, orig)
+        epochs = len(log["epochs"])
+    else:
+        _sync(dev)
+        t0 = time.time()
+        _, losses = train_hf(hf, encoded, pad, name, ecfg, say=lambda s: print(s, file=sys.stderr, flush=True))
+        _sync(dev)
+        sec, epochs = time.time() - t0, len(losses)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    return {"loop": a.only, "seconds": sec, "peak_gpu_gib": mem, "peak_rss_mb": peak_rss_mb(), "epochs": epochs}
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "zsre_2k.json"))
+    p.add_argument("--ckpt", default=str(ROOT / "weights" / "smollm2-135m"))
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--layer", type=int, default=22)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-synthetic", action="store_true", help="random Qwen2.5-7B-shaped model, bf16, synthetic edits")
+    p.add_argument("--shape", choices=list(SHAPES), default="7b", help="--gpu-synthetic model shape")
+    p.add_argument("--n-synthetic", type=int, default=3000)
+    p.add_argument("--device", default=None, help="--gpu-synthetic: default cuda when available")
+    p.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one run, in the subprocess
+    p.add_argument("--verbose", action="store_true", help="print each epoch of both loops to stderr")
+    a = p.parse_args()
+    if a.gpu_synthetic and "--layer" not in sys.argv:
+        a.layer = 6 if a.shape == "7b" else 1  # LocFT-BF's location for Qwen2.5-7B
+    if a.gpu_synthetic and a.batch_size == 10 and "--batch-size" not in sys.argv:
+        a.batch_size = 100  # the authors' batch for 3,000 edits
+    if a.only:
+        res = run_synthetic(a) if a.gpu_synthetic else run_one(a)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    results = {}
+    for loop in ("ours", "hf"):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--only", loop, "--layer", str(a.layer),
+               "--batch-size", str(a.batch_size)]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+        if r.returncode != 0 or not lines:
+            sys.exit(f"{loop} run failed:\n{r.stderr[-3000:]}")
+        results[loop] = json.loads(lines[-1][len("RESULT "):])
+    what = (f"synthetic {a.shape} ({a.n_synthetic} edits)" if a.gpu_synthetic
+            else f"{Path(a.ckpt).name}, first {a.n} edits of {Path(a.data).name}")
+    print(f"{what}, layer {a.layer} down_proj, batch {a.batch_size}, lr {a.lr:g}, up to {a.epochs} epochs, "
+          f"{torch.get_num_threads()} threads")
+    names = {"ours": "edit.py (prefix cache)", "hf": "transformers loop"}
+    for loop, r in results.items():
+        extra = (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if a.gpu_synthetic else
+                 f", reliability {r['reliability']:.2f}")
+        print(f"{names[loop]:24s} {r['seconds']:8.1f} s, {r['epochs']} epochs, peak RSS {r['peak_rss_mb']:.0f} MB{extra}")
+    print(f"speed-up: {results['hf']['seconds'] / results['ours']['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

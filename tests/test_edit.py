@@ -1,0 +1,367 @@
+"""edit.py: the cached prefix is exact, only the chosen tensors train, deltas round-trip and refuse
+another base, exports load in transformers, bad input fails with one line, and LocFT-BF learns."""
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import edit
+import model as model_lib
+from tiny import make_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def random_edits(n, seed=0, vocab=320):
+    rng = random.Random(seed)
+    w = lambda: f"w{rng.randrange(3, vocab)}"
+    return [data.Edit(prompt=" ".join(w() for _ in range(rng.randint(2, 6))),
+                      target=" ".join(w() for _ in range(rng.randint(1, 3)))) for _ in range(n)]
+
+
+def write_edits(path, edits):
+    with open(path, "w") as f:
+        for e in edits:
+            f.write(json.dumps(e.to_json()) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    make_checkpoint(d, "llama", shard_size="60KB")  # several shards: export must rewrite just one
+    return d
+
+
+@pytest.fixture(scope="module")
+def edits_file(tmp_path_factory):
+    return write_edits(tmp_path_factory.mktemp("edits") / "edits.jsonl", random_edits(8))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "edit.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def cli_in_process(capsys, *args):
+    rc = edit.main([str(a) for a in args])
+    return rc, capsys.readouterr()
+
+
+def file_hashes(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactness of the prefix cache
+
+
+@pytest.mark.parametrize("module", list(edit.MODULES))
+@pytest.mark.parametrize("variant", ["qwen2", "mistral"])  # q/k/v biases + tied head; sliding window
+def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module):
+    make_checkpoint(tmp_path, variant)
+    m, tok = model_lib.load(tmp_path, dtype="float32")
+    L, edits = 1, random_edits(6, seed=1)
+    encoded = [data.encode_edit(tok, e.prompt, e.target) for e in edits]
+    # cache built in batches of 2 (other padding than the training batch), then a batch of 4
+    cache = edit.build_prefix_cache(m, encoded, tok.pad_id, L, batch_size=2)
+    params = edit.select_params(m, L, module)
+    for p in params.values():
+        p.requires_grad_(True)
+    idx = [4, 0, 5, 2]
+    h, batch = cache.batch(idx, "cpu")
+    loss_c = edit.edit_loss(m, h, batch, L)
+    grads_c = torch.autograd.grad(loss_c, list(params.values()))
+    full = m(batch.ids)  # (B, T, V): the plain full forward, logits everywhere
+    loss_f = edit.target_ce(full[batch.predict_mask], batch)
+    grads_f = torch.autograd.grad(loss_f, list(params.values()))
+    torch.testing.assert_close(loss_c, loss_f, rtol=1e-5, atol=1e-7)
+    for n, gc, gf in zip(params, grads_c, grads_f):
+        assert gc.abs().sum() > 0, n
+        assert ((gc - gf).norm() / gf.norm()).item() < 1e-5, n  # relative 1e-5 (fp32 rounding ~1e-7)
+
+
+def test_select_params_names(ckpt):
+    m, _ = model_lib.load(ckpt, dtype="float32")
+    assert list(edit.select_params(m, 2, "down_proj")) == ["model.layers.2.mlp.down_proj.weight"]
+    assert len(edit.select_params(m, 2, "mlp")) == 3
+    assert sorted(edit.select_params(m, 0, "attn")) == [f"model.layers.0.self_attn.{x}_proj.weight" for x in "koqv"]
+    layer = edit.select_params(m, 1, "layer")
+    assert "model.layers.1.input_layernorm.weight" in layer and len(layer) == 9
+    with pytest.raises(edit.EditError, match="--module"):
+        edit.select_params(m, 1, "ffn")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def test_only_selected_tensors_get_grads(ckpt):
+    m, tok = model_lib.load(ckpt, dtype="float32")
+    before = {n: p.clone() for n, p in m.state_dict().items()}
+    seen = []
+
+    def check(line):  # called once per epoch, while the trained tensors are installed
+        trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+        with_grad = {n for n, p in m.named_parameters() if p.grad is not None}
+        seen.append((trainable, with_grad))
+
+    cfg = edit.EditConfig(layer=1, module="mlp", epochs=2, lr=1e-3)
+    trained, log = edit.edit(m, tok, random_edits(8), cfg, say=check)
+    want = set(edit.select_params(m, 1, "mlp"))
+    assert set(trained) == want and all(t.dtype == torch.float32 for t in trained.values())
+    assert seen and all(t == want and g <= want and g for t, g in seen)
+    # edit() leaves the model as it found it: frozen, same values
+    assert not any(p.requires_grad or p.grad is not None for p in m.parameters())
+    assert all(torch.equal(before[n], t) for n, t in m.state_dict().items())
+    assert any(not torch.equal(before[n], trained[n]) for n in want)
+
+
+def sharp_model(ckpt):
+    """The tiny random model with a final-norm gain of 50: with its 0.02-std head, logits could
+    otherwise not move far enough for any loss below ~4.5 (a property of the toy, not the method)."""
+    m, tok = model_lib.load(ckpt, dtype="float32")
+    with torch.no_grad():
+        m.model.norm.weight.mul_(50)
+    return m, tok
+
+
+def test_locft_bf_learns_edits(ckpt):
+    m, tok = sharp_model(ckpt)
+    edits = random_edits(8, seed=3)
+    cfg = edit.EditConfig(layer=2, module="down_proj", epochs=60, lr=3e-2, seed=0)
+    lines = []
+    trained, log = edit.edit(m, tok, edits, cfg, say=lines.append)
+    assert log["final_loss"] < edit.STOP_LOSS and log["stopped_early"]
+    assert log["batch_size"] == 1 and log["epochs"][0]["steps"] == 8  # auto batch: >= ~8 steps per epoch
+    assert lines[0].startswith(f"epoch 1/{cfg.epochs}: loss ") and "steps 8 (skipped" in lines[0]
+    edit.load_tensors(m, trained)
+    batch = data.collate([data.encode_edit(tok, e.prompt, e.target) for e in edits], tok.pad_id)
+    pred = m(batch.ids, logits_at=batch.predict_mask).argmax(-1)
+    assert torch.equal(pred, batch.labels)  # teacher-forced: every answer token and EOS
+
+
+def test_df_pipeline_trains_each_edit_in_order(ckpt):
+    m, tok = sharp_model(ckpt)
+    cfg = edit.EditConfig(layer=-1, pipeline="df", lr=1e-2, max_steps=40)  # -1: the last layer, 2
+    trained, log = edit.edit(m, tok, random_edits(5, seed=4), cfg, say=lambda s: None)
+    assert [e["edit"] for e in log["edits"]] == list(range(5))
+    assert log["batch_size"] == 1
+    assert all(e["steps"] > 0 and (e["final_loss"] < edit.STOP_LOSS or e["steps"] == 40) for e in log["edits"])
+    assert log["edits"][-1]["final_loss"] < edit.STOP_LOSS  # the last edit is memorised
+
+
+@pytest.fixture(scope="module")
+def nan_ckpt(ckpt, tmp_path_factory):
+    """A copy of the tiny checkpoint whose final norm holds a NaN: every loss is NaN."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("nan")
+    for f in ckpt.iterdir():
+        shutil.copyfile(f, d / f.name)
+    for f in model_lib.checkpoint_files(d):
+        t = load_file(str(f))
+        if "model.norm.weight" in t:
+            t["model.norm.weight"][0] = float("nan")
+            save_file(t, str(f), metadata={"format": "pt"})
+    return d
+
+
+def test_nan_loss_stops_with_advice(nan_ckpt):
+    m, tok = model_lib.load(nan_ckpt, dtype="float32")
+    with pytest.raises(edit.EditError, match="lower --lr"):
+        edit.edit(m, tok, random_edits(4), edit.EditConfig(layer=2, epochs=5), say=lambda s: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deltas and exports
+
+
+@pytest.fixture(scope="module")
+def cli_run(ckpt, edits_file, tmp_path_factory):
+    """One CLI run with --export; returns (out, export, hashes of the base before the run)."""
+    base = tmp_path_factory.mktemp("runs")
+    before = file_hashes(ckpt)
+    r = run_cli("--ckpt", ckpt, "--edits", edits_file, "--layer", "1", "--module", "mlp", "--epochs", "3",
+                "--out", base / "run", "--export", base / "exported")
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/3: loss" in r.stdout and "done: 8 edits" in r.stdout
+    return base / "run", base / "exported", before
+
+
+def test_base_checkpoint_files_unchanged(cli_run, ckpt):
+    out, _, before = cli_run
+    assert file_hashes(ckpt) == before
+    assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "edits.jsonl", "train_log.json"]
+    log = json.loads((out / "train_log.json").read_text())
+    assert len(log["epochs"]) == 3 and {"mean_loss", "steps", "skipped", "seconds"} <= set(log["epochs"][0])
+    assert len((out / "edits.jsonl").read_text().splitlines()) == 8
+
+
+def test_delta_holds_only_changed_tensors_with_metadata(cli_run):
+    from safetensors import safe_open
+
+    with safe_open(str(cli_run[0] / "delta.safetensors"), framework="pt") as sf:
+        names, meta = sorted(sf.keys()), sf.metadata()
+        assert all(sf.get_tensor(n).dtype == torch.float32 for n in names)  # the checkpoint's dtype
+    assert names == [f"model.layers.1.mlp.{x}_proj.weight" for x in ("down", "gate", "up")]
+    assert meta["layer"] == "1" and meta["module"] == "mlp" and meta["n_edits"] == "8"
+    assert json.loads(meta["hparams"])["lr"] == 2e-3 and all(f"sha256.{n}" in meta for n in names)
+
+
+def test_apply_then_revert_is_bit_identical(cli_run, ckpt):
+    m, _ = model_lib.load(ckpt, dtype="float32")
+    before = {n: p.clone() for n, p in m.state_dict().items()}
+    originals = edit.apply_delta(m, cli_run[0] / "delta.safetensors")
+    assert not torch.equal(m.get_parameter("model.layers.1.mlp.down_proj.weight"),
+                           before["model.layers.1.mlp.down_proj.weight"])
+    edit.revert_delta(m, originals)
+    assert all(torch.equal(before[n], t) for n, t in m.state_dict().items())
+
+
+def test_delta_for_other_base_is_refused(cli_run, ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    delta = cli_run[0] / "delta.safetensors"
+    m, _ = model_lib.load(ckpt, dtype="float32")
+    with torch.no_grad():
+        m.get_parameter("model.layers.1.mlp.up_proj.weight")[0, 0] += 1e-3  # another base
+    with pytest.raises(edit.EditError, match="differs from the base"):
+        edit.apply_delta(m, delta)
+    m, _ = model_lib.load(ckpt, dtype="float32")
+    edit.apply_delta(m, delta)
+    with pytest.raises(edit.EditError, match="differs from the base"):  # already edited
+        edit.apply_delta(m, delta)
+    from safetensors import safe_open
+
+    with safe_open(str(delta), framework="pt") as sf:
+        meta = sf.metadata()
+    t = load_file(str(delta))
+    m, _ = model_lib.load(ckpt, dtype="float32")
+    save_file({"model.layers.7.mlp.up_proj.weight": t["model.layers.1.mlp.up_proj.weight"]}, str(tmp_path / "a.st"), meta)
+    with pytest.raises(edit.EditError, match="does not exist in this model"):
+        edit.apply_delta(m, tmp_path / "a.st")
+    save_file({"model.layers.1.mlp.up_proj.weight": t["model.layers.1.mlp.up_proj.weight"][:5]}, str(tmp_path / "b.st"), meta)
+    with pytest.raises(edit.EditError, match="has shape"):
+        edit.apply_delta(m, tmp_path / "b.st")
+    assert all("\n" not in str(e) for e in [edit.EditError("x")])
+
+
+def test_export_loads_in_transformers_and_matches(cli_run, ckpt):
+    import transformers
+
+    _, exported, _ = cli_run
+    # real copies, every shard, plus config/tokenizer/index
+    src = {p.name for p in ckpt.iterdir()}
+    assert src == {p.name for p in exported.iterdir()}
+    for p in exported.iterdir():
+        assert os.stat(p).st_ino != os.stat(ckpt / p.name).st_ino and os.stat(p).st_nlink == 1
+    changed = [n for n, h in file_hashes(exported).items() if h != file_hashes(ckpt)[n]]
+    assert len(changed) >= 1 and all(n.endswith(".safetensors") for n in changed)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    m, tok = model_lib.load(ckpt, dtype="float32")
+    edit.apply_delta(m, cli_run[0] / "delta.safetensors")
+    ids = torch.tensor([tok.encode("w5 w17 w99 w42 w43")])
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), hf(ids).logits, rtol=1e-4, atol=1e-5)
+    m2, _ = model_lib.load(exported, dtype="float32")  # and the export equals base + delta exactly
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_layer_parsing():
+    assert edit.resolve_layer("22", 30) == 22
+    assert edit.resolve_layer("-1", 30) == 29 and edit.resolve_layer(-30, 30) == 0
+    assert edit.resolve_layer("0.25", 28) == 6  # Qwen2.5-7B layer 6 = 7th of 28
+    assert edit.resolve_layer("0.25", 80) == 19  # -> Qwen2.5-72B layer 19, the paper's example
+    assert edit.resolve_layer(None, 30) == 22  # default depth 0.75: SmolLM2's layer 22
+    for bad in ("40", "-31", "1.0", "0.0", "abc"):
+        with pytest.raises(edit.EditError, match="--layer"):
+            edit.resolve_layer(bad, 30)
+    with pytest.raises(edit.EditError, match=r"layers 0\.\.29 \(or -30\.\.-1, or a fraction in \(0,1\)\)"):
+        edit.resolve_layer("40", 30)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(ckpt, nan_ckpt, edits_file, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("--ckpt", ckpt, "--edits", edits_file, "--layer", "40", "--out", out)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--layer 40 is out of range" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    r = run_cli("--ckpt", nan_ckpt, "--edits", edits_file, "--epochs", "5", "--layer", "2", "--out", out)
+    assert r.returncode == 2 and "lower --lr" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--module", "ffn"], "--module"),
+    (["--lr", "0"], "--lr"),
+    (["--lr=-1e-3"], "--lr"),
+    (["--lr", "fast"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--n", "0"], "--n"),
+    (["--layer", "1.5"], "--layer"),
+    (["--export", "{ckpt}"], "--export"),
+    (["--export", "{ckpt}/sub"], "--export"),
+    (["--out", "{ckpt}"], "--out"),
+])
+def test_cli_bad_flag(capsys, ckpt, edits_file, tmp_path, extra, needle):
+    extra = [x.format(ckpt=ckpt) for x in extra]
+    args = ["--ckpt", ckpt, "--edits", edits_file, "--epochs", "1"] + (["--out", tmp_path / "o"] if "--out" not in extra else []) + extra
+    before = file_hashes(ckpt)
+    try:
+        rc, cap = cli_in_process(capsys, *args)
+    except SystemExit as e:  # argparse's own errors (bad number): exit 2, also one line
+        rc, cap = e.code, capsys.readouterr()
+    assert rc == 2 and cap.err.count("\n") == 1 and needle in cap.err
+    assert not (tmp_path / "o").exists() and file_hashes(ckpt) == before
+    assert not (ckpt / "sub").exists()
+
+
+def test_cli_bad_files(capsys, ckpt, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    rc, cap = cli_in_process(capsys, "--ckpt", ckpt, "--edits", empty, "--out", tmp_path / "o")
+    assert rc == 2 and "empty.json" in cap.err and cap.err.count("\n") == 1
+    rc, cap = cli_in_process(capsys, "--ckpt", tmp_path / "nope", "--edits", empty, "--out", tmp_path / "o")
+    assert rc == 2 and "nope" in cap.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_out_and_export_need_overwrite(capsys, ckpt, edits_file, tmp_path):
+    out, exp = tmp_path / "o", tmp_path / "x"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    base = ["--ckpt", ckpt, "--edits", edits_file, "--epochs", "1", "--layer", "2"]
+    rc, cap = cli_in_process(capsys, *base, "--out", out)
+    assert rc == 2 and "--out" in cap.err and "--overwrite" in cap.err and (out / "keep").exists()
+    exp.mkdir()
+    rc, cap = cli_in_process(capsys, *base, "--out", tmp_path / "o2", "--export", exp)
+    assert rc == 2 and "--export" in cap.err and not (tmp_path / "o2").exists()
+    rc, cap = cli_in_process(capsys, *base, "--out", out, "--export", exp, "--overwrite")
+    assert rc == 0, cap.err
+    assert not (out / "keep").exists() and (out / "delta.safetensors").exists() and (exp / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "x"]  # no temp dirs left behind
+
+
+def test_eval_flag_uses_evaluate(capsys, ckpt, edits_file, tmp_path):
+    pytest.importorskip("evaluate", reason="evaluate.py not written yet")
+    import evaluate
+
+    if not hasattr(evaluate, "before_after"):
+        pytest.skip("evaluate.before_after not there yet")
+    rc, cap = cli_in_process(capsys, "--ckpt", ckpt, "--edits", edits_file, "--epochs", "1", "--layer", "2",
+                             "--out", tmp_path / "o", "--eval")
+    assert rc == 0, cap.err
+    assert (tmp_path / "o" / "eval.json").exists()
