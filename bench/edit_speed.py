@@ -145,7 +145,6 @@ def as_stored(trained, ckpt):
 
 def run_one(a) -> dict:
     torch.manual_seed(0)
-    torch.set_num_threads(torch.get_num_threads())
     ckpt = Path(a.ckpt)
     edits = data.load_edits(a.data, n=a.n)
     cfg = edit.EditConfig(layer=a.layer, module="down_proj", lr=a.lr, batch_size=a.batch_size, epochs=a.epochs,
@@ -160,8 +159,7 @@ def run_one(a) -> dict:
     else:
         import transformers
 
-        m, tok = model_lib.load(ckpt, dtype="float32")  # its tokenizer: the same token ids for both loops
-        del m
+        tok = model_lib.Tokenizer(ckpt, model_lib.read_args(ckpt))  # the same token ids for both loops
         hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
         encoded = [data.encode_edit(tok, e.prompt, e.target) for e in edits]
         t0 = time.time()
@@ -193,11 +191,11 @@ def run_synthetic(a) -> dict:
         encoded.append((p + t + [eos], len(p)))
     ecfg = edit.EditConfig(layer=L, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, seed=a.seed)
     name = f"model.layers.{L}.mlp.down_proj.weight"
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # built directly in bf16: no fp32 7B copy on the GPU
     with torch.device(dev):
-        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg_d)).to(dtype).eval()
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg_d)).eval()
+    torch.set_default_dtype(torch.float32)
     if a.only == "ours":
         args = model_lib.ModelArgs.from_config({"model_type": "qwen2", **cfg_d})
         with torch.device("meta"):
@@ -207,6 +205,9 @@ def run_synthetic(a) -> dict:
         m.load_state_dict(hf.state_dict(), strict=False)  # the same random weights
         del hf
         m.requires_grad_(False).eval()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()  # from here: weights + what training needs
         _sync(dev)
         t0 = time.time()  # the prefix cache is part of our run's time
         cache = edit.build_prefix_cache(m, encoded, pad, L, ecfg.cache_device)
@@ -221,6 +222,8 @@ def run_synthetic(a) -> dict:
         edit._set_param(m, name, orig)
         epochs = len(log["epochs"])
     else:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         _sync(dev)
         t0 = time.time()
         _, losses = train_hf(hf, encoded, pad, name, ecfg, say=lambda s: print(s, file=sys.stderr, flush=True))
@@ -252,9 +255,13 @@ def main():
     p.add_argument("--shape", choices=list(SHAPES), default="7b", help="--gpu-synthetic model shape")
     p.add_argument("--n-synthetic", type=int, default=3000)
     p.add_argument("--device", default=None, help="--gpu-synthetic: default cuda when available")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: torch's); 1 avoids OpenMP thrashing on a shared, busy CPU")
     p.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one run, in the subprocess
     p.add_argument("--verbose", action="store_true", help="print each epoch of both loops to stderr")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.gpu_synthetic and "--layer" not in sys.argv:
         a.layer = 6 if a.shape == "7b" else 1  # LocFT-BF's location for Qwen2.5-7B
     if a.gpu_synthetic and a.batch_size == 10 and "--batch-size" not in sys.argv:
