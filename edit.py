@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import ftpp
 import model as model_lib
 
 __version__ = "0.1.0"
@@ -69,6 +70,11 @@ class EditConfig:
     max_steps: int = 50  # df: steps per edit at most
     cache_device: str | None = None  # where the prefix cache lives; None: the model's device
     augment_prefixes: int = 0
+    # FT++ regularisers (ftpp.py); all 0 = plain LocFT-BF, and ftpp is not even called
+    smooth_alpha: float = 0.0
+    general_kl: float = 0.0
+    general_text: str | None = None
+    local_kl: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +118,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "float32 on CPU)")
     p.add_argument("--cache-device", default=None, help="prefix cache device (default: the model's; cpu for 100K edits)")
     p.add_argument("--eval", action="store_true", help="print reliability / generalization / locality before and after")
+    g = p.add_argument_group("FT++ regularisers (all off by default; see ftpp.py)")
+    g.add_argument("--smooth-alpha", type=float, default=0.0, metavar="A",
+                   help="label smoothing toward the old answer: (1-A) CE(new) + A CE(old), for edits that know it")
+    g.add_argument("--general-kl", type=float, default=0.0, metavar="L1",
+                   help="weight of KL(edited || base) per token on general text")
+    g.add_argument("--general-text", default=None, metavar="FILE",
+                   help="sentences for --general-kl, one per line (default data/general_text.txt)")
+    g.add_argument("--local-kl", type=float, default=0.0, metavar="L2",
+                   help="weight of KL(edited || base) at the position predicting the prompt's last token")
     return p.parse_args(argv)
 
 
@@ -230,6 +245,16 @@ def edit_loss(model, h: torch.Tensor, batch: data.Batch, layer: int, loss_avg: s
 # Training: breadth-first (LocFT-BF) and the depth-first baseline
 
 
+def step_loss(model, reg, idx, h, batch, cfg: EditConfig, parts_log: dict) -> torch.Tensor:
+    """The objective of one step: plain `edit_loss`, or FT++'s when a regulariser is on."""
+    if reg is None:
+        return edit_loss(model, h, batch, cfg.layer, cfg.loss_avg)
+    loss, parts = reg.loss(model, idx, h, batch, cfg.loss_avg)
+    for k, v in parts.items():
+        parts_log.setdefault(k, []).append(v.item())
+    return loss
+
+
 def _fmt_s(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
 
@@ -239,7 +264,7 @@ def _check_finite(loss: torch.Tensor, where: str, cfg: EditConfig):
         raise EditError(f"loss is {loss.item()} at {where}; training diverged, try a lower --lr (now {cfg.lr:g})")
 
 
-def train_bf(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, say) -> dict:
+def train_bf(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, say, reg=None) -> dict:
     n, dev = len(cache.encoded), model.lm_head.weight.device
     bs = cfg.batch_size or auto_batch_size(n)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -248,11 +273,12 @@ def train_bf(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, 
     for epoch in range(1, cfg.epochs + 1):
         te = time.time()
         perm = torch.randperm(n, generator=g).tolist()  # breadth-first: reshuffle the whole set each epoch
-        losses, steps, skipped = [], 0, 0
+        losses, steps, skipped, parts = [], 0, 0, {}
         for s in range(0, n, bs):
-            h, batch = cache.batch(perm[s:s + bs], dev)
+            idx = perm[s:s + bs]
+            h, batch = cache.batch(idx, dev)
             with autocast:
-                loss = edit_loss(model, h, batch, cfg.layer, cfg.loss_avg)
+                loss = step_loss(model, reg, idx, h, batch, cfg, parts)
             _check_finite(loss, f"epoch {epoch}, step {s // bs + 1}", cfg)
             losses.append(loss.item())
             if losses[-1] < STOP_LOSS:  # this batch is already learnt: do not push it further
@@ -264,7 +290,8 @@ def train_bf(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, 
             steps += 1
         mean = sum(losses) / len(losses)
         sec = time.time() - te
-        log["epochs"].append({"epoch": epoch, "mean_loss": mean, "steps": steps, "skipped": skipped, "seconds": sec})
+        log["epochs"].append({"epoch": epoch, "mean_loss": mean, "steps": steps, "skipped": skipped, "seconds": sec,
+                              **{k: sum(v) / len(v) for k, v in parts.items()}})  # FT++ terms, when on
         eta = (time.time() - t0) / epoch * (cfg.epochs - epoch)
         say(f"epoch {epoch}/{cfg.epochs}: loss {mean:.4f}, steps {steps} (skipped {skipped}), {sec:.1f}s, eta {_fmt_s(eta)}")
         if mean < STOP_LOSS:  # early stop: the whole edit set is learnt
@@ -272,7 +299,7 @@ def train_bf(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, 
     return log
 
 
-def train_df(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, say) -> dict:
+def train_df(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, say, reg=None) -> dict:
     """The depth-first baseline: batch 1, edits in order, each trained to convergence, one pass."""
     n, dev = len(cache.encoded), model.lm_head.weight.device
     log = {"batch_size": 1, "edits": []}
@@ -282,7 +309,7 @@ def train_df(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, 
         steps = 0
         while True:
             with autocast:
-                loss = edit_loss(model, h, batch, cfg.layer, cfg.loss_avg)
+                loss = step_loss(model, reg, [i], h, batch, cfg, {})
             _check_finite(loss, f"edit {i}, step {steps + 1}", cfg)
             if loss.item() < STOP_LOSS or steps >= cfg.max_steps:
                 break
@@ -308,6 +335,21 @@ def training_pairs(edits, cfg: EditConfig) -> list[tuple[str, str]]:
         raise EditError(str(e)) from None
 
 
+def ftpp_regularizer(model, tok, edits, pairs, encoded, cache, cfg: EditConfig):
+    """FT++'s cached base distributions, built before training (with the base weights in
+    place); None when every FT++ weight is 0."""
+    ft = ftpp.FTPPConfig(cfg.smooth_alpha, cfg.general_kl, cfg.general_text, cfg.local_kl)
+    if not ft.active:
+        return None
+    per_edit = len(pairs) // len(edits)  # --augment-prefixes: each edit's pairs are consecutive
+    olds = [e.old_answer for e in edits for _ in range(per_edit)]
+    try:
+        return ftpp.FTPP(model, tok, pairs, olds, encoded, cfg.layer, ft, cache=cache, seed=cfg.seed,
+                         prefix_cache=lambda enc: build_prefix_cache(model, enc, tok.pad_id, cfg.layer, cfg.cache_device))
+    except ValueError as e:
+        raise EditError(str(e)) from None
+
+
 def edit(model, tok, edits, cfg: EditConfig, say=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Train the selected tensors on `edits`; returns ({name: trained fp32 tensor}, log).
 
@@ -323,8 +365,12 @@ def edit(model, tok, edits, cfg: EditConfig, say=None) -> tuple[dict[str, torch.
     dev = model.lm_head.weight.device
     frozen_dtype = model.model.embed_tokens.weight.dtype
     t0 = time.time()
-    encoded = [data.encode_edit(tok, p, t) for p, t in training_pairs(edits, cfg)]
+    pairs = training_pairs(edits, cfg)
+    encoded = [data.encode_edit(tok, p, t) for p, t in pairs]
+    if cfg.pipeline == "bf" and cfg.batch_size is None:
+        cfg = replace(cfg, batch_size=auto_batch_size(len(encoded)))  # recorded in the delta's hparams
     cache = build_prefix_cache(model, encoded, tok.pad_id, cfg.layer, cfg.cache_device)
+    reg = ftpp_regularizer(model, tok, edits, pairs, encoded, cache, cfg)  # None for plain LocFT-BF
     prefix_s = time.time() - t0
 
     originals = select_params(model, cfg.layer, cfg.module)
@@ -339,13 +385,15 @@ def edit(model, tok, edits, cfg: EditConfig, say=None) -> tuple[dict[str, torch.
     model.train(False)  # no dropout in these models, but be explicit: eval-mode forward
     try:
         train = train_df if cfg.pipeline == "df" else train_bf
-        log = train(model, cache, params, cfg, opt, autocast, say)
+        log = train(model, cache, params, cfg, opt, autocast, say, reg)
     finally:
         for n, p in originals.items():
             _set_param(model, n, p)
     del cache
     log.update(n_edits=len(edits), n_sequences=len(encoded), prefix_seconds=prefix_s,
                seconds=time.time() - t0, config=asdict(cfg))
+    if reg is not None:
+        log["ftpp"] = reg.stats
     if cfg.pipeline == "bf":
         ep = log["epochs"]
         log.update(epochs_run=len(ep), final_loss=ep[-1]["mean_loss"], stopped_early=ep[-1]["mean_loss"] < STOP_LOSS)
@@ -505,6 +553,13 @@ def run(args) -> Path:
             raise EditError(f"{flag} must be positive, got {v}")
     if args.augment_prefixes < 0:
         raise EditError(f"--augment-prefixes must be >= 0, got {args.augment_prefixes}")
+    if not 0 <= args.smooth_alpha <= 1:
+        raise EditError(f"--smooth-alpha must be in [0, 1], got {args.smooth_alpha}")
+    for flag, v in (("--general-kl", args.general_kl), ("--local-kl", args.local_kl)):
+        if not (v >= 0 and math.isfinite(v)):
+            raise EditError(f"{flag} must be >= 0, got {v}")
+    if args.general_text and not Path(args.general_text).is_file():
+        raise EditError(f"--general-text {args.general_text}: file does not exist")
     layer = resolve_layer(args.layer, margs.n_layers)
     edits = data.load_edits(args.edits, n=args.n)
     if not edits:
@@ -519,11 +574,14 @@ def run(args) -> Path:
     cfg = EditConfig(layer=layer, module=args.module, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                      optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed,
                      pipeline=args.pipeline, loss_avg=args.loss_avg, max_steps=args.max_steps,
-                     cache_device=args.cache_device, augment_prefixes=args.augment_prefixes)
+                     cache_device=args.cache_device, augment_prefixes=args.augment_prefixes,
+                     smooth_alpha=args.smooth_alpha, general_kl=args.general_kl, general_text=args.general_text,
+                     local_kl=args.local_kl)
     names = list(select_params(model, layer, args.module))
     print(f"editing {len(edits)} edits into {', '.join(names)} ({args.pipeline}, lr {cfg.lr:g}, "
           f"batch {cfg.batch_size or auto_batch_size(len(edits)) if args.pipeline == 'bf' else 1})", flush=True)
     trained, log = edit(model, tok, edits, cfg)
+    cfg = EditConfig(**log["config"])  # with the resolved batch size
 
     meta = {"format": "pt", "layer": str(layer), "module": args.module, "n_edits": str(len(edits)),
             "seed": str(args.seed), "hparams": json.dumps(asdict(cfg)), "base_ckpt": str(ckpt.resolve()),

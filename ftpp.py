@@ -88,11 +88,13 @@ class FTPP:
     """The cached inputs of the three regularisers, and the regularised loss of one step.
 
     `prefix_cache(encoded) -> PrefixCache` is edit.py's frozen-prefix cache builder, passed in
-    so this file stays independent of the training script.
+    so this file stays independent of the training script; `cache` is the training sequences'
+    own prefix cache when it already exists.
     """
 
     def __init__(self, model, tok, pairs: list[tuple[str, str]], old_answers: list[str | None],
-                 encoded: list[tuple[list[int], int]], layer: int, cfg: FTPPConfig, prefix_cache, seed: int = 0):
+                 encoded: list[tuple[list[int], int]], layer: int, cfg: FTPPConfig, prefix_cache,
+                 cache=None, seed: int = 0):
         self.cfg, self.layer = cfg, layer
         dev = model.lm_head.weight.device
         if not 0 <= cfg.smooth_alpha <= 1:
@@ -121,9 +123,8 @@ class FTPP:
             # position n_prompt - 2 predicts the prompt's last token; prompts of one token have none
             self.local_pos = torch.tensor([n - 2 for _, n in encoded], device=dev)
             self.has_local = self.local_pos >= 0
-            main = prefix_cache(encoded)
-            base = self._base_hidden(model, main, range(len(encoded)), at=self.local_pos.clamp(min=0))
-            self.local_base = base  # (N, D)
+            main = cache if cache is not None else prefix_cache(encoded)
+            self.local_base = self._base_hidden(model, main, range(len(encoded)), at=self.local_pos.clamp(min=0))
 
     @torch.no_grad()
     def _base_hidden(self, model, cache, idx, at=None, batch_size: int = 64):
