@@ -102,12 +102,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0, help="seeds the per-epoch shuffle (and --n sampling)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the per-epoch shuffle (default 0); with --n it also picks a reproducible random "
+                        "subset of n edits, the same one evaluate.py --n N --seed S picks")
     p.add_argument("--pipeline", choices=["bf", "df"], default="bf",
                    help="bf: breadth-first LocFT-BF; df: depth-first baseline (batch 1, each edit to convergence)")
     p.add_argument("--loss-avg", choices=["sample", "token"], default="sample")
     p.add_argument("--max-steps", type=int, default=50, help="df: optimiser steps per edit at most")
-    p.add_argument("--n", type=int, default=None, help="use only the first n edits")
+    p.add_argument("--n", type=int, default=None, help="use n edits: the first n, or a random n with --seed")
     p.add_argument("--augment-prefixes", type=int, default=0,
                    help="also train k prefixed copies of each edit (data.augment_prefixes)")
     p.add_argument("--out", default=None, help="output directory (default out/<ckpt>-<edits>-<time>/)")
@@ -561,7 +563,7 @@ def run(args) -> Path:
     if args.general_text and not Path(args.general_text).is_file():
         raise EditError(f"--general-text {args.general_text}: file does not exist")
     layer = resolve_layer(args.layer, margs.n_layers)
-    edits = data.load_edits(args.edits, n=args.n)
+    edits = data.load_edits(args.edits, n=args.n, seed=args.seed)
     if not edits:
         raise EditError(f"edits file {args.edits}: no edits")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -572,7 +574,7 @@ def run(args) -> Path:
     dtype = args.dtype or ("auto" if device.startswith("cuda") else "float32")
     model, tok = model_lib.load(ckpt, device=device, dtype=dtype)
     cfg = EditConfig(layer=layer, module=args.module, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
-                     optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed,
+                     optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed if args.seed is not None else 0,
                      pipeline=args.pipeline, loss_avg=args.loss_avg, max_steps=args.max_steps,
                      cache_device=args.cache_device, augment_prefixes=args.augment_prefixes,
                      smooth_alpha=args.smooth_alpha, general_kl=args.general_kl, general_text=args.general_text,
@@ -584,7 +586,7 @@ def run(args) -> Path:
     cfg = EditConfig(**log["config"])  # with the resolved batch size
 
     meta = {"format": "pt", "layer": str(layer), "module": args.module, "n_edits": str(len(edits)),
-            "seed": str(args.seed), "hparams": json.dumps(asdict(cfg)), "base_ckpt": str(ckpt.resolve()),
+            "seed": str(cfg.seed), "hparams": json.dumps(asdict(cfg)), "base_ckpt": str(ckpt.resolve()),
             "torch_version": torch.__version__, "locft_version": __version__}
 
     def write_out(d: Path):

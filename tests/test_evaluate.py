@@ -10,7 +10,7 @@ import torch
 import evaluate as ev
 import model as M
 from data import Edit
-from tiny import make_checkpoint, write_tokenizer
+from tiny import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
