@@ -316,9 +316,12 @@ def encode_edit(tok, prompt: str, target: str) -> tuple[list[int], int]:
 
 @dataclass
 class Batch:
-    ids: torch.Tensor  # (B, T) right-padded
+    ids: torch.Tensor  # (B, T) right-padded, or (1, S) packed
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens
     target_mask: torch.Tensor  # (B, T) bool, True on answer and EOS tokens
+    # packed batches only (see `pack`): each token's sequence number and position within it
+    segments: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     @property
     def predict_mask(self) -> torch.Tensor:
@@ -332,8 +335,36 @@ class Batch:
         """Target token ids, in the same row-major order as `logits[predict_mask]`."""
         return self.ids[self.target_mask]
 
+    @property
+    def n_samples(self) -> int:
+        return int(self.segments.max()) + 1 if self.segments is not None else self.ids.shape[0]
+
+    @property
+    def sample_of_prediction(self) -> torch.Tensor:
+        """Which sample each predicted target token belongs to, in `logits[predict_mask]` order."""
+        if self.segments is not None:
+            return self.segments[self.predict_mask]
+        return self.predict_mask.nonzero()[:, 0]
+
     def to(self, device) -> "Batch":
-        return Batch(self.ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(*(move(t) for t in (self.ids, self.attention_mask, self.target_mask, self.segments, self.positions)))
+
+
+def pack(encoded: list[tuple[list[int], int]]) -> Batch:
+    """Put a list of (ids, n_prompt) back to back in one row, with no padding: `segments` keeps
+    the sequences apart in attention and `positions` restarts at 0 for each, so every token
+    computes exactly what it would alone, and no compute goes to pad tokens."""
+    lengths = [len(ids) for ids, _ in encoded]
+    ids = torch.tensor([t for seq, _ in encoded for t in seq])[None]
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    start = 0
+    for (seq, n_prompt), n in zip(encoded, lengths):
+        target[0, start + n_prompt: start + n] = True
+        start += n
+    segments = torch.repeat_interleave(torch.arange(len(encoded)), torch.tensor(lengths))[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return Batch(ids, torch.ones_like(ids), target, segments, positions)
 
 
 def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:

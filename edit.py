@@ -193,8 +193,14 @@ class PrefixCache:
     def __init__(self, h: torch.Tensor, encoded: list[tuple[list[int], int]], pad_id: int):
         self.h, self.encoded, self.pad_id = h, encoded, pad_id
 
-    def batch(self, idx: list[int], device) -> tuple[torch.Tensor, data.Batch]:
-        b = data.collate([self.encoded[i] for i in idx], self.pad_id).to(device)
+    def batch(self, idx: list[int], device, packed: bool = True) -> tuple[torch.Tensor, data.Batch]:
+        """The rows `idx`: packed back to back in one row (no compute on padding; the default),
+        or right-padded to the batch's longest sequence."""
+        seqs = [self.encoded[i] for i in idx]
+        if packed:
+            h = torch.cat([self.h[i, :len(ids)] for i, (ids, _) in zip(idx, seqs)])[None]  # (1, S, D)
+            return h.to(device, non_blocking=True), data.pack(seqs).to(device)
+        b = data.collate(seqs, self.pad_id).to(device)
         T = b.ids.shape[1]  # the batch's own max length, not the whole set's
         rows = torch.as_tensor(idx, device=self.h.device)
         h = self.h.index_select(0, rows)[:, :T].to(device, non_blocking=True)
@@ -229,8 +235,8 @@ def target_ce(logits: torch.Tensor, batch: data.Batch, loss_avg: str = "sample")
     ce = F.cross_entropy(logits.float(), batch.labels, reduction="none")  # (N,)
     if loss_avg == "token":
         return ce.mean()
-    row = batch.predict_mask.nonzero()[:, 0]  # which sample each target token belongs to
-    B = batch.ids.shape[0]
+    row = batch.sample_of_prediction  # which sample each target token belongs to
+    B = batch.n_samples
     per_sample = torch.zeros(B, device=ce.device).index_add(0, row, ce)
     count = torch.zeros(B, device=ce.device).index_add(0, row, torch.ones_like(ce))
     return (per_sample / count).mean()
@@ -239,7 +245,8 @@ def target_ce(logits: torch.Tensor, batch: data.Batch, loss_avg: str = "sample")
 def edit_loss(model, h: torch.Tensor, batch: data.Batch, layer: int, loss_avg: str = "sample") -> torch.Tensor:
     """The training objective for one mini-batch: layers L.. from the cached h, head only at
     target-predicting positions. Extra terms (FT++ regularisers) belong here."""
-    logits = model.forward_from(h, layer, logits_at=batch.predict_mask)  # (N, V)
+    logits = model.forward_from(h, layer, positions=batch.positions, segments=batch.segments,
+                                logits_at=batch.predict_mask)  # (N, V)
     return target_ce(logits, batch, loss_avg)
 
 
@@ -278,7 +285,7 @@ def train_bf(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, 
         losses, steps, skipped, parts = [], 0, 0, {}
         for s in range(0, n, bs):
             idx = perm[s:s + bs]
-            h, batch = cache.batch(idx, dev)
+            h, batch = cache.batch(idx, dev, packed=reg is None)  # FT++ indexes padded rows
             with autocast:
                 loss = step_loss(model, reg, idx, h, batch, cfg, parts)
             _check_finite(loss, f"epoch {epoch}, step {s // bs + 1}", cfg)
@@ -307,7 +314,7 @@ def train_df(model, cache: PrefixCache, params, cfg: EditConfig, opt, autocast, 
     log = {"batch_size": 1, "edits": []}
     t0 = time.time()
     for i in range(n):
-        h, batch = cache.batch([i], dev)
+        h, batch = cache.batch([i], dev, packed=reg is None)
         steps = 0
         while True:
             with autocast:

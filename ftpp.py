@@ -134,7 +134,7 @@ class FTPP:
         idx, out = list(idx), []
         for s in range(0, len(idx), batch_size):
             rows = idx[s:s + batch_size]
-            h, b = cache.batch(rows, dev)
+            h, b = cache.batch(rows, dev, packed=False)
             h = model.model.norm(model.forward_from(h, self.layer, stop_layer=model.args.n_layers))
             if at is None:
                 out += [h[i][b.predict_mask[i]] for i in range(len(rows))]
@@ -157,7 +157,7 @@ class FTPP:
         ce_new, n_new = per_sample_ce(logits[pm[sel]], batch)
 
         if cfg.smooth_alpha:
-            h_old, b_old = self.old_cache.batch(idx, dev)
+            h_old, b_old = self.old_cache.batch(idx, dev, packed=False)
             ce_old, _ = per_sample_ce(model.forward_from(h_old, L, logits_at=b_old.predict_mask), b_old)
             a = cfg.smooth_alpha
             per_sample = torch.where(self.has_old[rows], (1 - a) * ce_new + a * ce_old, ce_new)
@@ -168,7 +168,7 @@ class FTPP:
         parts = {"edit": loss.detach()}
 
         if cfg.general_kl:
-            h_g, b_g = self.general_cache.batch(idx, dev)
+            h_g, b_g = self.general_cache.batch(idx, dev, packed=False)
             edited = model.forward_from(h_g, L, logits_at=b_g.predict_mask)
             base = model.lm_head(torch.cat([self.general_base[i] for i in idx]).to(edited.dtype))
             parts["general_kl"] = kl_edited_base(edited, base)

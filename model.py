@@ -263,15 +263,16 @@ class Transformer(nn.Module):
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.clamp(min=0)[:, -T:]
 
-    def build_mask(self, attention_mask, positions, T: int, cache_pos: int):
-        """Boolean SDPA mask (B, 1, T, S): causal, no padded keys, Mistral's sliding window.
+    def build_mask(self, attention_mask, positions, T: int, cache_pos: int, segments=None):
+        """Boolean SDPA mask (B, 1, T, S): causal, no padded keys, Mistral's sliding window, and
+        with `segments` (packed sequences) no attention across segment boundaries.
 
         Returns None when plain causal attention is exact (no padding mask, no cache, no window
-        in reach), so SDPA can take its fused causal path.
+        in reach, no segments), so SDPA can take its fused causal path.
         """
         S = cache_pos + T
         window = self.args.sliding_window
-        if attention_mask is None and cache_pos == 0 and (window is None or T <= window):
+        if attention_mask is None and segments is None and cache_pos == 0 and (window is None or T <= window):
             return None
         dev = positions.device
         q_idx = torch.arange(cache_pos, S, device=dev)[:, None]
@@ -281,6 +282,8 @@ class Transformer(nn.Module):
             # Mistral: a token sees at most `sliding_window` tokens back (itself included), as in
             # transformers. Only sequences longer than the window are affected; edits are short.
             allowed = allowed & (q_idx - k_idx < window)[None, None]
+        if segments is not None:  # packed: a token sees only its own sequence
+            allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
         if attention_mask is not None:
             keys = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
             allowed = allowed & keys
@@ -303,6 +306,7 @@ class Transformer(nn.Module):
         cache_pos: int = 0,
         stop_layer: int | None = None,
         logits_at: torch.Tensor | str | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run layers `layer`..`stop_layer`-1 on hidden states `h` (B, T, D).
 
@@ -312,6 +316,9 @@ class Transformer(nn.Module):
         logits_at: None -> logits at every position (B, T, V); "last" -> (B, V) at the last
             position; a bool (B, T) mask -> (N, V) at the True positions only, so the LM head
             costs only what the loss needs.
+        segments: (B, T) ids of packed sequences (several sequences back to back in one row, no
+            padding); a token attends only within its segment. Pass each token's `positions`
+            within its own sequence with it (no cache).
         """
         B, T, _ = h.shape
         if positions is None:
@@ -320,7 +327,7 @@ class Transformer(nn.Module):
             else:
                 positions = torch.arange(cache_pos, cache_pos + T, device=h.device).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
-        mask = self.build_mask(attention_mask, positions, T, cache_pos)
+        mask = self.build_mask(attention_mask, positions, T, cache_pos, segments)
         end = self.args.n_layers if stop_layer is None else stop_layer
         for i in range(layer, end):
             h = self.layers[i](h, cos, sin, mask, None if cache is None else cache[i], cache_pos)

@@ -65,7 +65,8 @@ def file_hashes(d):
 
 @pytest.mark.parametrize("module", list(edit.MODULES))
 @pytest.mark.parametrize("variant", ["qwen2", "mistral"])  # q/k/v biases + tied head; sliding window
-def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module, packed):
     make_checkpoint(tmp_path, variant)
     m, tok = model_lib.load(tmp_path, dtype="float32")
     L, edits = 1, random_edits(6, seed=1)
@@ -76,11 +77,13 @@ def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module):
     for p in params.values():
         p.requires_grad_(True)
     idx = [4, 0, 5, 2]
-    h, batch = cache.batch(idx, "cpu")
+    h, batch = cache.batch(idx, "cpu", packed=packed)
     loss_c = edit.edit_loss(m, h, batch, L)
     grads_c = torch.autograd.grad(loss_c, list(params.values()))
-    full = m(batch.ids)  # (B, T, V): the plain full forward, logits everywhere
-    loss_f = edit.target_ce(full[batch.predict_mask], batch)
+    # the oracle: the plain full forward over the right-padded batch, logits everywhere
+    padded = data.collate([encoded[i] for i in idx], tok.pad_id)
+    full = m(padded.ids)  # (B, T, V)
+    loss_f = edit.target_ce(full[padded.predict_mask], padded)
     grads_f = torch.autograd.grad(loss_f, list(params.values()))
     torch.testing.assert_close(loss_c, loss_f, rtol=1e-5, atol=1e-7)
     for n, gc, gf in zip(params, grads_c, grads_f):

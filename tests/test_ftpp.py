@@ -45,7 +45,7 @@ def train_down_proj(model):
 def test_kl_terms_are_zero_before_the_first_step(tmp_path):
     model, _, reg, cache, _ = setup(tmp_path, ftpp.FTPPConfig(general_kl=1.0, local_kl=1.0), general_lines=GENERAL)
     idx = list(range(len(EDITS)))
-    h, batch = cache.batch(idx, "cpu")
+    h, batch = cache.batch(idx, "cpu", packed=False)
     _, parts = reg.loss(model, idx, h, batch)
     assert abs(parts["general_kl"].item()) < 1e-6
     assert abs(parts["local_kl"].item()) < 1e-6
@@ -57,7 +57,7 @@ def test_kl_terms_grow_once_the_tensor_moves_and_gradients_reach_only_it(tmp_pat
     with torch.no_grad():
         p.add_(torch.randn_like(p) * 0.5)
     idx = [0, 1, 2, 3]
-    h, batch = cache.batch(idx, "cpu")
+    h, batch = cache.batch(idx, "cpu", packed=False)
     loss, parts = reg.loss(model, idx, h, batch)
     assert parts["general_kl"].item() > 1e-4 and parts["local_kl"].item() > 1e-4
     for term in ("general_kl", "local_kl"):
@@ -75,10 +75,10 @@ def test_smoothing_alpha_0_and_1_reduce_to_plain_ce_on_new_and_old_answer(tmp_pa
     for alpha, answer in ((0.0, "target"), (1.0, "old_answer")):
         cfg = ftpp.FTPPConfig(smooth_alpha=alpha)
         model, tok, reg, cache, _ = setup(tmp_path / str(alpha), cfg, edits=with_old)
-        h, batch = cache.batch(idx, "cpu")
+        h, batch = cache.batch(idx, "cpu", packed=False)
         got, _ = reg.loss(model, idx, h, batch)
         plain = [data.encode_edit(tok, e.prompt, getattr(e, answer)) for e in with_old]
-        h2, b2 = edit.build_prefix_cache(model, plain, tok.pad_id, LAYER).batch(idx, "cpu")
+        h2, b2 = edit.build_prefix_cache(model, plain, tok.pad_id, LAYER).batch(idx, "cpu", packed=False)
         torch.testing.assert_close(got, edit.edit_loss(model, h2, b2, LAYER), rtol=1e-6, atol=0)
 
 
@@ -86,7 +86,7 @@ def test_edits_without_old_answer_are_trained_plainly_and_counted(tmp_path):
     model, tok, reg, cache, _ = setup(tmp_path, ftpp.FTPPConfig(smooth_alpha=0.5))
     assert reg.stats["edits_without_old_answer"] == 1
     idx = [2]  # the edit without an old answer: smoothing must not touch it
-    h, batch = cache.batch(idx, "cpu")
+    h, batch = cache.batch(idx, "cpu", packed=False)
     got, _ = reg.loss(model, idx, h, batch)
     torch.testing.assert_close(got, edit.edit_loss(model, h, batch, LAYER), rtol=0, atol=0)
 
@@ -96,7 +96,7 @@ def test_zero_weights_give_the_plain_locft_loss_bit_for_bit(tmp_path):
     edit() with A = L1 = L2 = 0 does not build FTPP at all."""
     model, _, reg, cache, _ = setup(tmp_path, ftpp.FTPPConfig())
     idx = [3, 0, 2]
-    h, batch = cache.batch(idx, "cpu")
+    h, batch = cache.batch(idx, "cpu", packed=False)
     got, _ = reg.loss(model, idx, h, batch)
     assert torch.equal(got, edit.edit_loss(model, h, batch, LAYER))
 
