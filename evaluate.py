@@ -425,7 +425,7 @@ def print_report(report: dict, file=None, examples: int = 5) -> None:
             lines.append(f"{'KL(base || edited) per token':<{w}}{'':>8}{t['kl_base_edited_per_token']:>9.4f}{t['tokens']:>7}")
     if has_edited and examples:  # a few edits as a person reads them: what the model says now
         lines.append("")
-        for e in report["edits"][:examples]:
+        for e in report.get("edits", [])[:examples]:
             lines.append(f"{e['prompt']!r}: {e['base']!r} -> {e['edited']!r} (target {e['target']!r})")
     print("\n".join(lines), file=file or sys.stdout)
 
