@@ -297,6 +297,18 @@ def test_print_report_table():
     assert lines[2].split()[-3:] == ["-", "-", "0"]
 
 
+def test_print_report_shows_a_few_edits_as_a_person_reads_them():
+    import io
+
+    edits = [{"prompt": f"p{i}", "target": f"t{i}", "base": f"b{i}", "edited": f"t{i}"} for i in range(8)]
+    report = {"metrics": {"reliability (greedy EM)": {"base": 0.0, "edited": 1.0, "n": 8}}, "text": None,
+              "edits": edits}
+    buf = io.StringIO()
+    ev.print_report(report, file=buf, examples=3)
+    out = buf.getvalue()
+    assert "'p0': 'b0' -> 't0' (target 't0')" in out and "'p2'" in out and "'p3'" not in out
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
