@@ -351,20 +351,35 @@ class Batch:
         return Batch(*(move(t) for t in (self.ids, self.attention_mask, self.target_mask, self.segments, self.positions)))
 
 
-def pack(encoded: list[tuple[list[int], int]]) -> Batch:
-    """Put a list of (ids, n_prompt) back to back in one row, with no padding: `segments` keeps
-    the sequences apart in attention and `positions` restarts at 0 for each, so every token
-    computes exactly what it would alone, and no compute goes to pad tokens."""
-    lengths = [len(ids) for ids, _ in encoded]
-    ids = torch.tensor([t for seq, _ in encoded for t in seq])[None]
-    target = torch.zeros_like(ids, dtype=torch.bool)
-    start = 0
-    for (seq, n_prompt), n in zip(encoded, lengths):
-        target[0, start + n_prompt: start + n] = True
-        start += n
-    segments = torch.repeat_interleave(torch.arange(len(encoded)), torch.tensor(lengths))[None]
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    return Batch(ids, torch.ones_like(ids), target, segments, positions)
+def pack(encoded: list[tuple[list[int], int]], row_tokens: int = 1024) -> Batch:
+    """Put (ids, n_prompt) sequences back to back, with no padding between them: `segments`
+    keeps the sequences apart in attention and `positions` restarts at 0 for each, so every
+    token computes exactly what it would alone and no compute goes to padding. A row holds at
+    most `row_tokens` tokens (or one sequence, if longer), so attention, which is quadratic in
+    the row length, stays cheap for large batches; only the rows' ends are padded (segment -1)."""
+    rows: list[list[int]] = [[]]  # sample indices per row
+    for i, (ids, _) in enumerate(encoded):
+        used = sum(len(encoded[j][0]) for j in rows[-1])
+        if rows[-1] and used + len(ids) > row_tokens:
+            rows.append([])
+        rows[-1].append(i)
+    T = max(sum(len(encoded[j][0]) for j in row) for row in rows)
+    shape = (len(rows), T)
+    ids, target = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
+    attn, positions = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    segments = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            seq, n_prompt = encoded[i]
+            end = start + len(seq)
+            ids[r, start:end] = torch.tensor(seq)
+            attn[r, start:end] = 1
+            target[r, start + n_prompt:end] = True
+            segments[r, start:end] = i
+            positions[r, start:end] = torch.arange(len(seq))
+            start = end
+    return Batch(ids, attn, target, segments, positions)
 
 
 def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:

@@ -190,6 +190,8 @@ def _set_param(model, name: str, p: nn.Parameter):
 class PrefixCache:
     """Hidden states entering layer L for every training sequence: (N, T_max, D), right-padded."""
 
+    row_tokens = 1024  # packed rows hold at most this many tokens (attention is quadratic in it)
+
     def __init__(self, h: torch.Tensor, encoded: list[tuple[list[int], int]], pad_id: int):
         self.h, self.encoded, self.pad_id = h, encoded, pad_id
 
@@ -198,8 +200,12 @@ class PrefixCache:
         or right-padded to the batch's longest sequence."""
         seqs = [self.encoded[i] for i in idx]
         if packed:
-            h = torch.cat([self.h[i, :len(ids)] for i, (ids, _) in zip(idx, seqs)])[None]  # (1, S, D)
-            return h.to(device, non_blocking=True), data.pack(seqs).to(device)
+            b = data.pack(seqs, self.row_tokens)
+            h = torch.zeros(*b.ids.shape, self.h.shape[-1], dtype=self.h.dtype, device=self.h.device)
+            real = b.segments >= 0  # each packed token's hidden state, from its own sequence's cache row
+            rows = torch.as_tensor(idx, device=self.h.device)[b.segments[real].to(self.h.device)]
+            h[real.to(self.h.device)] = self.h[rows, b.positions[real].to(self.h.device)]
+            return h.to(device, non_blocking=True), b.to(device)
         b = data.collate(seqs, self.pad_id).to(device)
         T = b.ids.shape[1]  # the batch's own max length, not the whole set's
         rows = torch.as_tensor(idx, device=self.h.device)

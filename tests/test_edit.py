@@ -65,8 +65,9 @@ def file_hashes(d):
 
 @pytest.mark.parametrize("module", list(edit.MODULES))
 @pytest.mark.parametrize("variant", ["qwen2", "mistral"])  # q/k/v biases + tied head; sliding window
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
-def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module, packed):
+@pytest.mark.parametrize("packed,row_tokens", [(True, 1024), (True, 12), (False, None)],
+                         ids=["packed", "packed-rows", "padded"])
+def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module, packed, row_tokens):
     make_checkpoint(tmp_path, variant)
     m, tok = model_lib.load(tmp_path, dtype="float32")
     L, edits = 1, random_edits(6, seed=1)
@@ -77,7 +78,10 @@ def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module, packe
     for p in params.values():
         p.requires_grad_(True)
     idx = [4, 0, 5, 2]
+    cache.row_tokens = row_tokens  # 12: the batch is split over several packed rows
     h, batch = cache.batch(idx, "cpu", packed=packed)
+    if row_tokens == 12:
+        assert batch.ids.shape[0] > 1
     loss_c = edit.edit_loss(m, h, batch, L)
     grads_c = torch.autograd.grad(loss_c, list(params.values()))
     # the oracle: the plain full forward over the right-padded batch, logits everywhere
