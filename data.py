@@ -346,6 +346,14 @@ class Batch:
             return self.segments[self.predict_mask]
         return self.predict_mask.nonzero()[:, 0]
 
+    def per_sample_mean(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-prediction values (N,), in `logits[predict_mask]` order -> the mean over each
+        sample's target tokens (n_samples,), and each sample's token count."""
+        row, B = self.sample_of_prediction, self.n_samples
+        total = torch.zeros(B, device=values.device).index_add(0, row, values)
+        count = torch.zeros(B, device=values.device).index_add(0, row, torch.ones_like(values))
+        return total / count, count
+
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(*(move(t) for t in (self.ids, self.attention_mask, self.target_mask, self.segments, self.positions)))

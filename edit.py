@@ -241,11 +241,7 @@ def target_ce(logits: torch.Tensor, batch: data.Batch, loss_avg: str = "sample")
     ce = F.cross_entropy(logits.float(), batch.labels, reduction="none")  # (N,)
     if loss_avg == "token":
         return ce.mean()
-    row = batch.sample_of_prediction  # which sample each target token belongs to
-    B = batch.n_samples
-    per_sample = torch.zeros(B, device=ce.device).index_add(0, row, ce)
-    count = torch.zeros(B, device=ce.device).index_add(0, row, torch.ones_like(ce))
-    return (per_sample / count).mean()
+    return batch.per_sample_mean(ce)[0].mean()  # the authors': per sample, then over the batch
 
 
 def edit_loss(model, h: torch.Tensor, batch: data.Batch, layer: int, loss_avg: str = "sample") -> torch.Tensor:
@@ -369,7 +365,7 @@ def edit(model, tok, edits, cfg: EditConfig, say=None) -> tuple[dict[str, torch.
     """Train the selected tensors on `edits`; returns ({name: trained fp32 tensor}, log).
 
     The model is left as it was (its original parameters are put back); apply the result with
-    `load_tensors` / `apply_delta`. Gradients and Adam state exist only for the trained tensors.
+    `model.load_tensors` / `apply_delta`. Gradients and Adam state exist only for the trained tensors.
     """
     say = say or (lambda s: print(s, flush=True))
     if cfg.lr <= 0 or not math.isfinite(cfg.lr):
@@ -451,19 +447,8 @@ def save_delta(path, ckpt_dir, trained: dict[str, torch.Tensor], meta: dict[str,
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_tensors(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy tensors into the model's parameters in place; returns copies of the originals."""
-    params = dict(model.named_parameters())
-    originals = {}
-    with torch.no_grad():
-        for name, t in tensors.items():
-            originals[name] = params[name].detach().clone()
-            params[name].copy_(t)
-    return originals
-
-
 def revert_delta(model, originals: dict[str, torch.Tensor]):
-    load_tensors(model, originals)
+    model.load_tensors(originals)
 
 
 def apply_delta(model, path) -> dict[str, torch.Tensor]:
@@ -489,7 +474,7 @@ def apply_delta(model, path) -> dict[str, torch.Tensor]:
         if tensor_sha256(p.detach().to(t.dtype)) != want:
             raise EditError(f"delta {path}: tensor {name} differs from the base it was made for "
                             f"(another checkpoint, an already edited model, or a lossy --dtype)")
-    return load_tensors(model, {n: t.to(params[n].device) for n, t in delta.items()})
+    return model.load_tensors(delta, keep_originals=True)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")

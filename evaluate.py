@@ -240,18 +240,6 @@ def encode_answer(tok, prompt: str, answer: str) -> tuple[list[int], int]:
 # One model, both weight sets
 
 
-def load_weights(model, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the model's parameters by name (tied names included)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if name not in params:
-                raise ValueError(f"tensor {name} is not a parameter of this model")
-            if tuple(t.shape) != tuple(params[name].shape):
-                raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, the model's is {tuple(params[name].shape)}")
-            params[name].copy_(t)
-
-
 def _run(model, tok, edits: list[Edit], batch_size: int, max_new_tokens: int, base: dict | None = None) -> dict:
     """Everything one weight set says about the edits. `base` is the base model's run, whose
     locality outputs and tokens this one is compared with (None: this run is the base)."""
@@ -328,7 +316,7 @@ def text_metrics(model, tok, text: str, base: dict | None, edited: dict | None, 
             if name == "edited" and edited is None:
                 break
             if weights:
-                load_weights(model, weights)
+                model.load_tensors(weights)
             logp[name] = F.log_softmax(model(x, attention_mask=m, logits_at=predict).float(), -1)  # (N, V)
             nll[name] += -logp[name].gather(1, labels[:, None]).sum().item()
         if "edited" in logp:
@@ -356,14 +344,14 @@ def before_after(model, tok, edits: list[Edit], base: dict[str, torch.Tensor] | 
         params = dict(model.named_parameters(remove_duplicate=False))
         base = {n: params[n].detach().clone() for n in edited}
     if base:
-        load_weights(model, base)
+        model.load_tensors(base)
     runs = {"base": _run(model, tok, edits, batch_size, max_new_tokens)}
     if edited is not None:
-        load_weights(model, edited)
+        model.load_tensors(edited)
         runs["edited"] = _run(model, tok, edits, batch_size, max_new_tokens, base=runs["base"])
     text_report = text_metrics(model, tok, text, base, edited) if text is not None else None
     if edited is not None:
-        load_weights(model, edited)
+        model.load_tensors(edited)
 
     metrics = {}
     for label, key in METRICS:
@@ -448,23 +436,6 @@ def write_report(report: dict, path) -> None:
 # CLI
 
 
-def _read_delta_fallback(model, path) -> dict[str, torch.Tensor]:
-    """Apply a delta file by name when edit.py's apply_delta is not available (no check that
-    the delta was made for this base). Returns the original tensors."""
-    from safetensors import safe_open
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    originals, new = {}, {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for name in f.keys():
-            new[name] = f.get_tensor(name)
-            if name not in params:
-                raise ValueError(f"delta {path}: tensor {name} is not a parameter of this model")
-            originals[name] = params[name].detach().clone()
-    load_weights(model, new)
-    return originals
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Greedy before/after evaluation of an edit (reliability, "
                                              "generalization, locality).")
@@ -499,10 +470,7 @@ def main(argv=None) -> int:
         base = edited = None
         revert = None
         if args.delta:
-            try:
-                from edit import apply_delta, revert_delta
-            except ImportError:  # edit.py not there yet: apply by name, without its checks
-                apply_delta, revert_delta = _read_delta_fallback, load_weights
+            from edit import apply_delta, revert_delta  # lazily: edit.py imports this module for --eval
             try:
                 originals = apply_delta(model, args.delta)
             except ValueError:

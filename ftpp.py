@@ -76,12 +76,7 @@ def kl_edited_base(edited_logits: torch.Tensor, base_logits: torch.Tensor) -> to
 
 def per_sample_ce(logits: torch.Tensor, batch: data.Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CE over each sample's target tokens (B,), and each sample's token count (B,)."""
-    ce = F.cross_entropy(logits.float(), batch.labels, reduction="none")
-    row = batch.predict_mask.nonzero()[:, 0]
-    B = batch.ids.shape[0]
-    total = torch.zeros(B, device=ce.device).index_add(0, row, ce)
-    count = torch.zeros(B, device=ce.device).index_add(0, row, torch.ones_like(ce))
-    return total / count.clamp(min=1), count
+    return batch.per_sample_mean(F.cross_entropy(logits.float(), batch.labels, reduction="none"))
 
 
 class FTPP:

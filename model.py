@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,6 +346,23 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, layer: int, **kw) -> torch.Tensor:
         """Hidden states entering `layer` (the output of layers 0..layer-1)."""
         return self.forward_from(self.model.embed_tokens(tokens), 0, stop_layer=layer, **kw)
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor], keep_originals: bool = False) -> dict[str, torch.Tensor]:
+        """Copy tensors into the parameters of the same (checkpoint) names, in place, converting
+        dtype and device; with `keep_originals`, return copies of the values they replace."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        originals = {}
+        for name, t in tensors.items():
+            if name not in params:
+                raise ValueError(f"tensor {name} is not a parameter of this model")
+            p = params[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
+            if keep_originals:
+                originals[name] = p.detach().clone()
+            p.copy_(t)
+        return originals
 
     def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
         p = self.lm_head.weight

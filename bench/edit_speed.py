@@ -15,7 +15,6 @@ delta file stores it). A script, not a test: it never asserts timings.
 """
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -142,7 +141,7 @@ def run_one(a) -> dict:
         del hf
     rss = peak_rss_mb()  # before evaluation loads anything more
     m, tok = model_lib.load(ckpt, dtype="float32")
-    edit.load_tensors(m, as_stored(trained, ckpt))
+    m.load_tensors(as_stored(trained, ckpt))
     return {"loop": a.only, "seconds": sec, "peak_rss_mb": rss, "epochs": epochs,
             "reliability": reliability(m, tok, edits)}
 

@@ -61,7 +61,7 @@ def main():
         params = dict(model.named_parameters())
         base = {n: params[n].detach().clone() for n in trained}
         report = evaluate.before_after(model, tok, edits, base, trained, text=text)
-        evaluate.load_weights(model, base)  # the next row starts from the base model again
+        model.load_tensors(base)  # the next row starts from the base model again
         m = report["metrics"]
         pick = lambda key, col="edited": m[key][col]  # noqa: E731
         row = {"name": name, "reliability": pick("reliability (greedy EM)"),

@@ -149,7 +149,7 @@ def test_locft_bf_learns_edits(ckpt):
     assert log["final_loss"] < edit.STOP_LOSS and log["stopped_early"]
     assert log["batch_size"] == 1 and log["epochs"][0]["steps"] == 8  # auto batch: >= ~8 steps per epoch
     assert lines[0].startswith(f"epoch 1/{cfg.epochs}: loss ") and "steps 8 (skipped" in lines[0]
-    edit.load_tensors(m, trained)
+    m.load_tensors(trained)
     batch = data.collate([data.encode_edit(tok, e.prompt, e.target) for e in edits], tok.pad_id)
     pred = m(batch.ids, logits_at=batch.predict_mask).argmax(-1)
     assert torch.equal(pred, batch.labels)  # teacher-forced: every answer token and EOS

@@ -180,7 +180,10 @@ class WordTok:
 
 def test_metrics_on_hand_made_outputs(monkeypatch):
     """Fake model outputs: the metric arithmetic only."""
-    model = torch.nn.Linear(1, 1, bias=False)
+    class StandIn(torch.nn.Linear):  # outputs are faked; only the weight swap is real
+        load_tensors = M.Transformer.load_tensors
+
+    model = StandIn(1, 1, bias=False)
     outputs = {  # prompt -> (base answer, edited answer)
         "p1": ("Paris", "Rome"), "p2": ("London", "the Berlin"), "p3": ("Oslo", "Oslo"),
         "r1": ("Paris", "Rome."), "r2": ("x", "y"), "r3": ("x", "Madrid"), "r4": ("Oslo", "Lima"),
@@ -237,7 +240,7 @@ def test_before_after_leaves_the_model_holding_edited(tiny):
         report = ev.before_after(model, tok, tiny_edits(), base, edited, text="w5 w6 w7 w8 w9 " * 30, batch_size=3)
         assert torch.equal(params[DOWN], edited[DOWN])
     finally:
-        ev.load_weights(model, base)
+        model.load_tensors(base)
     m = report["metrics"]
     assert m["locality (output unchanged)"]["base"] == 1.0
     assert m["locality (teacher-forced, base tokens kept)"]["base"] == 1.0

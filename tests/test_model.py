@@ -1,6 +1,5 @@
 """model.py against transformers: tiny random Llama / Qwen2 / Mistral checkpoints built here."""
 import json
-import shutil
 
 import pytest
 import torch
