@@ -301,17 +301,16 @@ def augment_prefixes(edits: list[Edit], k: int, seed: int = 0) -> list[tuple[str
 def encode_edit(tok, prompt: str, target: str) -> tuple[list[int], int]:
     """Token ids of `prompt + " " + target + EOS`, and how many of them belong to the prompt.
 
-    The whole string is tokenised at once, so the answer's first token is the one the model
-    would produce after the prompt; when the prompt's own tokens are not a prefix of that (a
-    tokenizer merging across the boundary), the answer is tokenised on its own instead.
+    The space is added only when the target has none (as the authors' script does: ZsRE has
+    targets such as " 625"). The whole string is tokenised at once, so the answer's first token
+    is the one the model would produce after the prompt; when the prompt's own tokens are not a
+    prefix of that (a tokenizer merging across the boundary), the answer is tokenised alone.
     """
+    answer = target if target.startswith(" ") else " " + target
     p = tok.encode(prompt)
-    full = tok.encode(prompt + " " + target)
-    if full[: len(p)] == p and len(full) > len(p):
-        answer = full[len(p):]
-    else:
-        answer = tok.encode(" " + target, add_special_tokens=False)
-    return p + answer + [tok.eos_id], len(p)
+    full = tok.encode(prompt + answer)
+    answer_ids = full[len(p):] if full[:len(p)] == p and len(full) > len(p) else tok.encode(answer, add_special_tokens=False)
+    return p + answer_ids + [tok.eos_id], len(p)
 
 
 @dataclass
@@ -402,3 +401,50 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:
         attn[b, : len(seq)] = 1
         target[b, n_prompt: len(seq)] = True
     return Batch(ids, attn, target)
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen prefix: layers 0..L-1 run once
+
+
+class PrefixCache:
+    """The hidden states entering layer `layer` of every sequence in `encoded`: (N, T_max, D).
+
+    Exact, not an approximation: nothing below `layer` changes during training, and with right
+    padding and causal attention no real token ever sees a pad. Built in length-sorted batches
+    (little padding); kept on `device` (default: the model's; "cpu" for very large edit sets).
+    """
+
+    row_tokens = 1024  # a packed row holds at most this many tokens (attention is quadratic in it)
+
+    @torch.no_grad()
+    def __init__(self, model, encoded: list[tuple[list[int], int]], pad_id: int, layer: int, device=None,
+                 batch_size: int = 64):
+        self.encoded, self.pad_id = encoded, pad_id
+        self.model_device = model.lm_head.weight.device
+        device = torch.device(device) if device else self.model_device
+        self.h = torch.zeros(len(encoded), max(len(ids) for ids, _ in encoded), model.args.dim,
+                             dtype=model.model.embed_tokens.weight.dtype, device=device,
+                             pin_memory=device.type == "cpu" and self.model_device.type == "cuda")
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            b = collate([encoded[i] for i in idx], pad_id).to(self.model_device)
+            h = model.hidden_states(b.ids, layer=layer)  # (B, T, D); no mask needed: right padding
+            self.h[torch.as_tensor(idx, device=device), :h.shape[1]] = h.to(device)
+
+    def batch(self, idx: list[int], packed: bool = True) -> tuple[torch.Tensor, Batch]:
+        """Rows `idx` on the model's device: packed back to back (no compute on padding), or
+        right-padded to the longest of them."""
+        seqs = [self.encoded[i] for i in idx]
+        cache_dev = self.h.device
+        if packed:
+            b = pack(seqs, self.row_tokens)
+            real = b.segments >= 0  # each packed token's state, from its own sequence's row
+            rows = torch.as_tensor(idx)[b.segments[real]].to(cache_dev)
+            h = self.h.new_zeros(*b.ids.shape, self.h.shape[-1])
+            h[real.to(cache_dev)] = self.h[rows, b.positions[real].to(cache_dev)]
+        else:
+            b = collate(seqs, self.pad_id)
+            h = self.h[torch.as_tensor(idx, device=cache_dev), :b.ids.shape[1]]
+        return h.to(self.model_device, non_blocking=True), b.to(self.model_device)

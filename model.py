@@ -487,20 +487,26 @@ def read_args(ckpt_dir) -> ModelArgs:
     return ModelArgs.from_config(_read_json(path), str(path))
 
 
-def resolve_dtype(dtype, args: ModelArgs) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | None, args: ModelArgs, device) -> torch.dtype:
+    """The one rule for the frozen model's dtype, for editing and evaluation alike: float32 on a
+    CPU (bf16 matrix products are several times slower there, and less exact), the checkpoint's
+    own dtype on a GPU; "auto" is the checkpoint's dtype anywhere."""
+    if dtype is None:
+        dtype = "float32" if torch.device(device).type == "cpu" else "auto"
+    if dtype == "auto":
         dtype = args.torch_dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
-    return names[dtype]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
 
 
-def load(ckpt_dir, device="cpu", dtype="auto") -> tuple[Transformer, Tokenizer]:
-    """Load a checkpoint directory: the model (eval mode, frozen) and its tokenizer.
+def load(ckpt_dir, device="cpu", dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
+    """Load a checkpoint directory: the model (eval mode, frozen) and its tokenizer, in the
+    dtype `resolve_dtype` picks (float32 on a CPU unless told otherwise).
 
     Weights stream from the safetensors files straight into parameters allocated on `device`;
     no second full copy of the model exists at any time.
@@ -511,7 +517,7 @@ def load(ckpt_dir, device="cpu", dtype="auto") -> tuple[Transformer, Tokenizer]:
     args = read_args(ckpt_dir)
     files = checkpoint_files(ckpt_dir)
     tokenizer = Tokenizer(ckpt_dir, args)
-    dtype = resolve_dtype(dtype, args)
+    dtype = resolve_dtype(dtype, args, device)
 
     with torch.device("meta"):
         model = Transformer(args)

@@ -6,12 +6,13 @@
 
 Both loops train the same tensor on the same token ids with the same seed, lr, batch size,
 per-epoch shuffle (torch.Generator), per-sample averaged target CE, step skip below 1e-2 and
-early stop. The difference is the forward: transformers runs every layer over prompt + target
-and the LM head at every position; edit.py runs layers 0..L-1 once (the prefix cache) and the
-head only where a target token is predicted. Each loop runs in its own subprocess so peak RSS
-(or peak GPU memory) is its own. Reliability = greedy exact match on the edit prompts, computed
-the same way for both (our model with the trained tensor, cast to the checkpoint dtype as the
-delta file stores it). A script, not a test: it never asserts timings.
+early stop on the size-weighted epoch mean. The difference is the forward: transformers runs
+every layer over prompt + target and the LM head at every position; edit.py runs layers
+0..L-1 once (the prefix cache), packs each mini-batch without padding, and applies the head
+only where a target token is predicted. Each loop runs in its own subprocess so peak RSS (or
+peak GPU memory) is its own. Reliability = greedy exact match on the edit prompts, computed
+the same way for both (our model holding the trained tensor). A script, not a test: it never
+asserts timings.
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import edit  # noqa: E402
 import evaluate  # noqa: E402
+import generate  # noqa: E402
 import model as model_lib  # noqa: E402
 
 SHAPES = {  # Qwen2.5-7B's config, and a tiny one to test the code path on a CPU
@@ -60,7 +62,7 @@ def hf_loss(hf, batch):
     return per_sample.mean()
 
 
-def train_hf(hf, encoded, pad_id, name, cfg: edit.EditConfig, say=print):
+def train_hf(hf, encoded, pad_id, name, hp: edit.Hparams, say=print):
     dev = next(hf.parameters()).device
     hf.requires_grad_(False)
     frozen_dtype = next(hf.parameters()).dtype
@@ -68,27 +70,28 @@ def train_hf(hf, encoded, pad_id, name, cfg: edit.EditConfig, say=print):
     p = torch.nn.Parameter(orig.detach().float().clone())  # fp32 master copy, as edit.py
     owner, attr = name.rsplit(".", 1)
     setattr(hf.get_submodule(owner), attr, p)
-    opt = torch.optim.Adam([p], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam([p], lr=hp.lr, weight_decay=hp.weight_decay)
     autocast = torch.autocast(dev.type, dtype=frozen_dtype, enabled=frozen_dtype != torch.float32)
-    g = torch.Generator().manual_seed(cfg.seed)
-    n, bs = len(encoded), cfg.batch_size
+    g = torch.Generator().manual_seed(hp.seed)
+    n, bs = len(encoded), hp.batch_size
     epochs = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, hp.epochs + 1):
         t0 = time.time()
         perm = torch.randperm(n, generator=g).tolist()
-        losses, steps = [], 0
+        total, steps = 0.0, 0
         for s in range(0, n, bs):
-            batch = data.collate([encoded[i] for i in perm[s:s + bs]], pad_id).to(dev)
+            idx = perm[s:s + bs]
+            batch = data.collate([encoded[i] for i in idx], pad_id).to(dev)
             with autocast:
                 loss = hf_loss(hf, batch)
-            losses.append(loss.item())
-            if losses[-1] < edit.STOP_LOSS:
+            total += loss.item() * len(idx)
+            if loss.item() < edit.STOP_LOSS:
                 continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             steps += 1
-        mean = sum(losses) / len(losses)
+        mean = total / n
         epochs.append(mean)
         say(f"  hf epoch {epoch}: loss {mean:.4f}, steps {steps}, {time.time() - t0:.1f}s")
         if mean < edit.STOP_LOSS:
@@ -102,14 +105,8 @@ def train_hf(hf, encoded, pad_id, name, cfg: edit.EditConfig, say=print):
 
 
 def reliability(m, tok, edits) -> float:
-    preds = evaluate.generate(m, tok, [e.prompt for e in edits])
-    return sum(evaluate.exact_match(p, e.target) for p, e in zip(preds, edits)) / len(edits)
-
-
-def as_stored(trained, ckpt):
-    """The trained tensors rounded to the checkpoint's dtype, as delta.safetensors holds them."""
-    stored = edit.checkpoint_tensors(ckpt, trained)
-    return {n: t.to(stored[n][1].dtype).float() for n, t in trained.items()}
+    ids = generate.greedy(m, tok, [e.prompt for e in edits])
+    return sum(evaluate.exact_match(generate.cut_at_stop(tok.decode(x)), e.target) for x, e in zip(ids, edits)) / len(edits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,14 +117,14 @@ def run_one(a) -> dict:
     torch.manual_seed(0)
     ckpt = Path(a.ckpt)
     edits = data.load_edits(a.data, n=a.n)
-    cfg = edit.EditConfig(layer=a.layer, module="down_proj", lr=a.lr, batch_size=a.batch_size, epochs=a.epochs,
-                          seed=a.seed)
+    hp = edit.Hparams(layer=a.layer, module="down_proj", lr=a.lr, batch_size=a.batch_size, epochs=a.epochs,
+                      seed=a.seed)
     name = f"model.layers.{a.layer}.mlp.down_proj.weight"
     quiet = (lambda s: print(s, file=sys.stderr, flush=True)) if a.verbose else (lambda s: None)
     if a.only == "ours":
-        m, tok = model_lib.load(ckpt, dtype="float32")
+        m, tok = model_lib.load(ckpt)
         t0 = time.time()
-        trained, log = edit.edit(m, tok, edits, cfg, say=quiet)
+        trained, log = edit.edit(m, tok, edits, hp, say=quiet)
         sec, epochs = time.time() - t0, log["epochs_run"]
     else:
         import transformers
@@ -136,39 +133,49 @@ def run_one(a) -> dict:
         hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
         encoded = [data.encode_edit(tok, e.prompt, e.target) for e in edits]
         t0 = time.time()
-        trained, losses = train_hf(hf, encoded, tok.pad_id, name, cfg, say=quiet)
+        trained, losses = train_hf(hf, encoded, tok.pad_id, name, hp, say=quiet)
         sec, epochs = time.time() - t0, len(losses)
         del hf
     rss = peak_rss_mb()  # before evaluation loads anything more
-    m, tok = model_lib.load(ckpt, dtype="float32")
-    m.load_tensors(as_stored(trained, ckpt))
+    m, tok = model_lib.load(ckpt)
+    m.load_tensors(trained)
     return {"loop": a.only, "seconds": sec, "peak_rss_mb": rss, "epochs": epochs,
             "reliability": reliability(m, tok, edits)}
 
 
+class IdTokenizer:
+    """Synthetic edits are written as token ids ("812 77 4051"); this reads them back."""
+
+    def __init__(self, eos_id, pad_id):
+        self.eos_id, self.pad_id = eos_id, pad_id
+
+    def encode(self, text, add_special_tokens=True):
+        return [int(t) for t in text.split()]
+
+
 def run_synthetic(a) -> dict:
-    """A random Qwen2.5-7B-shaped model (bf16 on CUDA), 3,000 synthetic edits of ZsRE-like length."""
+    """A random Qwen2.5-7B-shaped model (bf16 on CUDA), synthetic edits of ZsRE-like length."""
     import transformers
 
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if dev.type == "cuda" and a.dtype != "float32" else torch.float32
     cfg_d = SHAPES[a.shape]
     L = a.layer
     V, eos, pad = cfg_d["vocab_size"], cfg_d["eos_token_id"], cfg_d["pad_token_id"]
     g = torch.Generator().manual_seed(0)
-    rand = lambda k: torch.randint(3, min(V, 150000), (k,), generator=g).tolist()
+    rand = lambda k: " ".join(str(t) for t in torch.randint(3, min(V, 150000), (k,), generator=g).tolist())
     # ZsRE-like: prompts of 8-16 tokens, answers of 2-6 tokens (+ EOS)
-    encoded = []
-    for _ in range(a.n_synthetic):
-        p, t = rand(int(torch.randint(8, 17, (1,), generator=g))), rand(int(torch.randint(2, 7, (1,), generator=g)))
-        encoded.append((p + t + [eos], len(p)))
-    ecfg = edit.EditConfig(layer=L, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, seed=a.seed)
+    edits = [data.Edit(rand(int(torch.randint(8, 17, (1,), generator=g))), rand(int(torch.randint(2, 7, (1,), generator=g))))
+             for _ in range(a.n_synthetic)]
+    tok = IdTokenizer(eos, pad)
+    hp = edit.Hparams(layer=L, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, seed=a.seed)
     name = f"model.layers.{L}.mlp.down_proj.weight"
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # built directly in bf16: no fp32 7B copy on the GPU
     with torch.device(dev):
         hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg_d)).eval()
     torch.set_default_dtype(torch.float32)
+    say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if a.only == "ours":
         args = model_lib.ModelArgs.from_config({"model_type": "qwen2", **cfg_d})
         with torch.device("meta"):
@@ -183,23 +190,16 @@ def run_synthetic(a) -> dict:
             torch.cuda.reset_peak_memory_stats()  # from here: weights + what training needs
         _sync(dev)
         t0 = time.time()  # the prefix cache is part of our run's time
-        cache = edit.build_prefix_cache(m, encoded, pad, L, ecfg.cache_device)
-        params = {name: torch.nn.Parameter(m.get_parameter(name).detach().float().clone())}
-        orig = m.get_parameter(name)
-        edit._set_param(m, name, params[name])
-        opt = torch.optim.Adam(params.values(), lr=ecfg.lr)
-        autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
-        log = edit.train_bf(m, cache, params, ecfg, opt, autocast, lambda s: print(s, file=sys.stderr, flush=True))
+        _, log = edit.edit(m, tok, edits, hp, say=say)
         _sync(dev)
-        sec = time.time() - t0
-        edit._set_param(m, name, orig)
-        epochs = len(log["epochs"])
+        sec, epochs = time.time() - t0, log["epochs_run"]
     else:
+        encoded = [data.encode_edit(tok, e.prompt, e.target) for e in edits]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _sync(dev)
         t0 = time.time()
-        _, losses = train_hf(hf, encoded, pad, name, ecfg, say=lambda s: print(s, file=sys.stderr, flush=True))
+        _, losses = train_hf(hf, encoded, pad, name, hp, say=say)
         _sync(dev)
         sec, epochs = time.time() - t0, len(losses)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
@@ -228,6 +228,8 @@ def main():
     p.add_argument("--shape", choices=list(SHAPES), default="7b", help="--gpu-synthetic model shape")
     p.add_argument("--n-synthetic", type=int, default=3000)
     p.add_argument("--device", default=None, help="--gpu-synthetic: default cuda when available")
+    p.add_argument("--dtype", default=None, help="--gpu-synthetic: float32 trains the frozen model in fp32 on CUDA "
+                                                 "too, as the authors do (default: bf16 there)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: torch's); 1 avoids OpenMP thrashing on a shared, busy CPU")
     p.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)  # one run, in the subprocess

@@ -1,4 +1,4 @@
-"""Greedy evaluation decoding: evaluate.generate against transformers' generate.
+"""Greedy evaluation decoding: generate.greedy against transformers' generate.
 
     python bench/eval_speed.py [--ckpt weights/smollm2-135m] [--edits ../shared/data/zsre_2k.json] [--n 100] [--repeat 2] [--threads T]
 
@@ -6,9 +6,9 @@ The prompts are those of the first n edits (edit prompt, rephrases, locality pro
 sides decode the same token ids, prefilled in the same length-sorted batches, left-padded,
 greedy, at most 32 new tokens, stopping a row at EOS or at a token whose text holds "." or "\\n"
 (a StoppingCriteria for transformers); the answers are then cut the same way
-(evaluate.cut_at_stop). transformers decodes each batch until its longest row stops; ours lets
-the unfinished rows of consecutive batches share decoding steps (see evaluate.generate_ids),
-which is the design difference being measured.
+(generate.cut_at_stop). transformers decodes each batch until its longest row stops; ours lets
+the unfinished rows of consecutive batches share decoding steps (see generate.greedy), which is
+the design difference being measured.
 Prints the seconds of each, the ratio, and how many answers differ. A script, not a test.
 """
 import argparse
@@ -21,18 +21,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import evaluate as ev  # noqa: E402
+import generate as G  # noqa: E402
 from data import load_edits  # noqa: E402
 from model import load  # noqa: E402
 
 
 def hf_generate_ids(hf, tok, prompts, max_new_tokens, batch_size):
-    """transformers' greedy generate over the same batches evaluate.generate_ids forms."""
+    """transformers' greedy generate over the same batches generate.greedy forms."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    is_stop = ev._StopTokens(tok)
+    def is_stop(t):  # the token just produced ends the row: "." and "\n" are single bytes
+        return t in tok.eos_ids or t == tok.eos_id or any(s in tok.decode([t]) for s in G.EDIT_STOP)
 
-    class StopAtStopToken(StoppingCriteria):  # per row: the token just produced ends it
+    class StopAtStopToken(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
             return torch.tensor([is_stop(t) for t in input_ids[:, -1].tolist()], dtype=torch.bool)
 
@@ -75,13 +76,13 @@ def main():
 
     edits = load_edits(args.edits, n=args.n)
     prompts = [e.prompt for e in edits] + [r for e in edits for r in e.rephrases] + [p for e in edits for p, _ in e.locality]
-    model, tok = load(args.ckpt, dtype="float32")
+    model, tok = load(args.ckpt)
     hf = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=torch.float32).eval()
     print(f"{len(prompts)} prompts from {args.n} edits of {Path(args.edits).name}; {Path(args.ckpt).name} fp32; "
           f"batch {args.batch_size}, max {args.max_new_tokens} new tokens; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
 
-    ev.generate_ids(model, tok, prompts[:4], 4, args.batch_size)  # warm-up, both sides
+    G.greedy(model, tok, prompts[:4], 4, batch_size=args.batch_size)  # warm-up, both sides
     hf_generate_ids(hf, tok, prompts[:4], 4, args.batch_size)
 
     # interleaved repeats, best of each: the machine is shared, and a busy moment should not
@@ -89,17 +90,17 @@ def main():
     t_ours = t_hf = float("inf")
     for _ in range(args.repeat):
         t = time.perf_counter()
-        ours = ev.generate_ids(model, tok, prompts, args.max_new_tokens, args.batch_size)
+        ours = G.greedy(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size)
         t_ours = min(t_ours, time.perf_counter() - t)
         t = time.perf_counter()
         theirs = hf_generate_ids(hf, tok, prompts, args.max_new_tokens, args.batch_size)
         t_hf = min(t_hf, time.perf_counter() - t)
 
-    a = [ev.answer_text(tok, x) for x in ours]
-    b = [ev.answer_text(tok, x) for x in theirs]
+    a = [G.cut_at_stop(tok.decode(x)) for x in ours]
+    b = [G.cut_at_stop(tok.decode(x)) for x in theirs]
     differ = [i for i in range(len(prompts)) if a[i] != b[i]]
     print(f"best of {args.repeat} interleaved runs each")
-    print(f"evaluate.generate      {t_ours:8.2f} s")
+    print(f"generate.greedy        {t_ours:8.2f} s")
     print(f"transformers generate  {t_hf:8.2f} s")
     print(f"speed-up               {t_hf / t_ours:8.2f}x")
     print(f"answers that differ    {len(differ):5d} of {len(prompts)}")

@@ -41,7 +41,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tok = model_lib.load(args.ckpt, dtype="float32")
+    model, tok = model_lib.load(args.ckpt)
     edits = data.load_edits(args.data, n=args.n)
     text = "\n".join(l for l in Path(args.text).read_text().splitlines() if l.strip() and not l.startswith("#"))
     rows = [
@@ -53,10 +53,11 @@ def main():
     ]
     results, base_row = [], None
     for name, kw in rows:
-        cfg = edit.EditConfig(layer=args.layer, **({"lr": args.lr} if args.lr else {}), **kw)
+        hp = edit.Hparams(layer=edit.resolve_layer(args.layer, model.args.n_layers),
+                          **({"lr": args.lr} if args.lr else {}), **kw)
         print(f"== {name}", flush=True)
         t0 = time.time()
-        trained, log = edit.edit(model, tok, edits, cfg)
+        trained, log = edit.edit(model, tok, edits, hp)
         seconds = time.time() - t0
         params = dict(model.named_parameters())
         base = {n: params[n].detach().clone() for n in trained}

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import evaluate
+import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo_edits.json"
@@ -37,7 +38,7 @@ def exported_model_answers(export: Path, edits) -> float:
     enc = tok([e.prompt for e in edits], return_tensors="pt", padding=True)
     with torch.no_grad():
         out = hf.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    answers = [evaluate.cut_at_stop(tok.decode(o[enc.input_ids.shape[1]:], skip_special_tokens=True)) for o in out]
+    answers = [generate.cut_at_stop(tok.decode(o[enc.input_ids.shape[1]:], skip_special_tokens=True)) for o in out]
     return sum(evaluate.exact_match(a, e.target) for a, e in zip(answers, edits)) / len(edits)
 
 

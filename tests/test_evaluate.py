@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import delta
 import evaluate as ev
 import model as M
 from data import Edit
@@ -56,20 +57,6 @@ def test_exact_match(pred, target, same):
     assert ev.exact_match(pred, target) is same
 
 
-@pytest.mark.parametrize("text, answer", [
-    (" Paris. It is the capital", "Paris"),
-    (" Paris\nQuestion: next", "Paris"),
-    (" Paris", "Paris"),
-    (".", ""),
-    ("\n Paris", ""),
-    (" 3.5 km", "3"),  # the authors' rule: "." stops, even inside a number
-    (" Rome, Italy\n.", "Rome, Italy"),
-    ("", ""),
-])
-def test_cut_at_stop(text, answer):
-    assert ev.cut_at_stop(text) == answer
-
-
 # ---------------------------------------------------------------------------------------------
 # Decoding
 
@@ -79,7 +66,7 @@ def tiny(tmp_path_factory):
     """A tiny llama whose weights are scaled up so greedy outputs vary from token to token."""
     d = tmp_path_factory.mktemp("tiny")
     make_checkpoint(d, "llama")
-    model, tok = M.load(d, dtype="float32")
+    model, tok = M.load(d)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -91,91 +78,8 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-PROMPTS = [" ".join(f"w{3 + (i * 7 + j * 13) % 300}" for j in range(1 + i % 6)) for i in range(12)]
-
-
-def naive_greedy(model, tok, prompt, max_new, stop):
-    """One row, no cache, no padding: the reference."""
-    x = torch.tensor([tok.encode(prompt)])
-    out = []
-    with torch.no_grad():
-        for _ in range(max_new):
-            t = model(x, logits_at="last").argmax(-1).item()
-            out.append(t)
-            if stop(t):
-                break
-            x = torch.cat([x, torch.tensor([[t]])], 1)
-    return out
-
-
-@pytest.mark.parametrize("batch_size", [64, 3])
-def test_generate_matches_one_row_greedy_without_cache(tiny, batch_size):
-    _, model, tok = tiny
-    got = ev.generate_ids(model, tok, PROMPTS, max_new_tokens=12, batch_size=batch_size)
-    for p, g in zip(PROMPTS, got):
-        assert g == naive_greedy(model, tok, p, 12, lambda t: t in tok.eos_ids)
-
-
-def test_rows_stop_at_eos_independently(tiny, monkeypatch):
-    """Make common tokens EOS: rows finish at different steps and leave the batch early."""
-    _, model, tok = tiny
-    free = ev.generate_ids(model, tok, PROMPTS, max_new_tokens=12)
-    counts = torch.bincount(torch.tensor([t for g in free for t in g[1:]]))
-    eos = counts.topk(3).indices.tolist()
-    monkeypatch.setattr(tok, "eos_ids", eos)
-    got = ev.generate_ids(model, tok, PROMPTS, max_new_tokens=12, batch_size=8)
-    lengths = {len(g) for g in got}
-    assert len(lengths) > 2  # rows really stopped at different steps
-    for p, g in zip(PROMPTS, got):
-        assert g == naive_greedy(model, tok, p, 12, lambda t: t in eos)
-        assert all(t not in eos for t in g[:-1])
-
-
-def test_rows_stop_at_a_token_whose_text_has_a_period_or_newline(tiny, tmp_path):
-    """A tokenizer in which some tokens decode to "." or "x\\ny": generation stops right there,
-    and the answer is the text before it."""
-    d, model, tok = tiny
-    free = ev.generate_ids(model, tok, PROMPTS[:6], max_new_tokens=8)
-    dot, newline = free[0][2], free[1][3]  # tokens these rows produce mid-way
-    assert dot != newline and dot not in free[0][:2] and newline not in free[1][:3]
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 320)}}
-    inv = {i: w for w, i in vocab.items()}
-    inv[dot], inv[newline] = ".", "x\ny"
-    t = Tokenizer(models.WordLevel({w: i for i, w in inv.items()}, unk_token="<pad>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.save(str(tmp_path / "tokenizer.json"))
-    for f in ("config.json", "generation_config.json"):
-        if (d / f).exists():
-            (tmp_path / f).write_text((d / f).read_text())
-    tok2 = M.Tokenizer(tmp_path, model.args)
-    assert tok2.decode([dot]) == "."
-    got = ev.generate_ids(model, tok2, PROMPTS[:6], max_new_tokens=8)
-    assert got[0] == free[0][:3] and got[1] == free[1][:4]
-    answers = ev.generate(model, tok2, PROMPTS[:6], max_new_tokens=8)
-    assert answers[0] == tok2.decode(free[0][:2])
-    assert answers[1] == tok2.decode(free[1][:3]) + " x"  # cut inside the token, before "\n"
-
-
-def test_token_accuracy_of_own_greedy_output_is_one(tiny):
-    _, model, tok = tiny
-    outs = ev.generate_ids(model, tok, PROMPTS[:5], max_new_tokens=6)
-    enc = [(tok.encode(p) + o, len(tok.encode(p))) for p, o in zip(PROMPTS[:5], outs)]
-    assert ev.token_accuracy(model, enc, tok.pad_id, batch_size=2) == [1.0] * 5
-    wrong = [(ids[:n] + [o[0]] + [(o[0] + 1) % 300 + 3] * 3, n) for (ids, n), o in zip(enc, outs)]
-    acc = ev.token_accuracy(model, wrong, tok.pad_id)
-    assert all(a < 1.0 for a in acc) and all(a >= 0.25 for a in acc)
-    assert ev.token_accuracy(model, [([1, 5], 2)], tok.pad_id) == [None]
-
-
 # ---------------------------------------------------------------------------------------------
 # Metrics
-
-
-class WordTok:
-    """decode() joins words; ids index WORDS. EOS is 0."""
-    eos_id, eos_ids, pad_id = 0, [0], 0
 
 
 def test_metrics_on_hand_made_outputs(monkeypatch):
@@ -190,18 +94,26 @@ def test_metrics_on_hand_made_outputs(monkeypatch):
         "l1": ("Tokyo", "Tokyo"), "l2": ("seven", "eight"), "l3": ("blue", "blue"),
     }
 
-    def fake_generate_ids(model_, tok, prompts, max_new_tokens, batch_size):
+    class WordTok:  # a token "id" is (prompt, edited?); decoding gives the faked output
+        pad_id = 0
+
+        def decode(self, ids):
+            return outputs[ids[0]][int(ids[1])]
+
+        def encode(self, s, add_special_tokens=True):
+            return [1]
+
+    def fake_greedy(model_, tok, prompts, *a):
+        return [[p, model_.weight.item() == 2.0] for p in prompts]
+
+    def fake_argmax(model_, seqs, pad_id, bs):  # edited predictions differ at every second probe
         edited = model_.weight.item() == 2.0
-        return [[prompt, edited] for prompt in prompts]
+        return [[7] * (len(ids) - n) if not (edited and i % 2) else [8] * (len(ids) - n)
+                for i, (ids, n) in enumerate(seqs)]
 
-    def fake_answer_text(tok, ids):
-        return ev.cut_at_stop(outputs[ids[0]][int(ids[1])])
-
-    monkeypatch.setattr(ev, "generate_ids", fake_generate_ids)
-    monkeypatch.setattr(ev, "answer_text", fake_answer_text)
-    monkeypatch.setattr(ev, "token_accuracy", lambda model_, enc, pad, bs: [0.5] * len(enc))
-    monkeypatch.setattr(ev, "encode_answer", lambda tok, p, a: ([1], 0))
-    monkeypatch.setattr(WordTok, "encode", lambda self, s: [1], raising=False)
+    monkeypatch.setattr(ev, "greedy", fake_greedy)
+    monkeypatch.setattr(ev, "teacher_forced_argmax", fake_argmax)
+    monkeypatch.setattr(ev, "encode_edit", lambda tok, p, a: ([1, 7, 2], 1))
     edits = [Edit("p1", "Rome", rephrases=["r1"], locality=[("l1", "Tokyo")]),
              Edit("p2", "Berlin", rephrases=["r2", "r3"], locality=[("l2", "seven"), ("l3", "")]),
              Edit("p3", "Lima", rephrases=["r4"])]
@@ -212,7 +124,8 @@ def test_metrics_on_hand_made_outputs(monkeypatch):
     assert m["generalization (greedy EM)"] == {"base": 0.0, "edited": 0.5, "n": 4}
     assert m["locality (output unchanged)"] == {"base": 1.0, "edited": 2 / 3, "n": 3}
     assert m["locality (EM vs given answer)"] == {"base": 1.0, "edited": 0.5, "n": 2}  # l3 has no answer
-    assert m["reliability (teacher-forced token acc)"]["edited"] == 0.5
+    assert m["reliability (teacher-forced token acc)"] == {"base": 1.0, "edited": 2 / 3, "n": 3}
+    assert m["locality (teacher-forced, base predictions kept)"] == {"base": 1.0, "edited": 1 / 3, "n": 3}
     assert model.weight.item() == 2.0
     e2 = report["edits"][1]
     assert e2["base"] == "London" and e2["edited"] == "the Berlin"
@@ -243,8 +156,8 @@ def test_before_after_leaves_the_model_holding_edited(tiny):
         model.load_tensors(base)
     m = report["metrics"]
     assert m["locality (output unchanged)"]["base"] == 1.0
-    assert m["locality (teacher-forced, base tokens kept)"]["base"] == 1.0
-    assert m["locality (teacher-forced, base tokens kept)"]["edited"] < 1.0
+    assert m["locality (teacher-forced, base predictions kept)"]["base"] == 1.0
+    assert m["locality (teacher-forced, base predictions kept)"]["edited"] < 1.0
     assert any(e["base"] != e["edited"] for e in report["edits"])
     t = report["text"]
     assert t["kl_base_edited_per_token"] > 0 and t["perplexity"]["base"] != t["perplexity"]["edited"]
@@ -252,12 +165,23 @@ def test_before_after_leaves_the_model_holding_edited(tiny):
     json.dumps(report)  # serialisable
 
 
-def test_same_weights_give_same_outputs_and_zero_kl(tiny):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unedited_model_scores_exactly_one_on_both_localities(tiny, dtype):
+    """Base weights evaluated as 'edited': every metric equals the base's, both localities are
+    1.0 exactly, in bf16 too (greedy and teacher-forced figures come from the same weights)."""
     _, model, tok = tiny
-    w = {DOWN: dict(model.named_parameters())[DOWN].detach().clone()}
-    report = ev.before_after(model, tok, tiny_edits(), w, w, text="w5 w6 w7 w8 w9 " * 30)
-    for row in report["metrics"].values():
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(dtype)
+    try:
+        w = {DOWN: dict(model.named_parameters())[DOWN].detach().clone()}
+        report = ev.before_after(model, tok, tiny_edits(), w, w, text="w5 w6 w7 w8 w9 " * 30)
+    finally:
+        model.to(torch.float32).load_state_dict(saved)
+    m = report["metrics"]
+    for row in m.values():
         assert row["base"] == row["edited"]
+    assert m["locality (output unchanged)"]["edited"] == 1.0
+    assert m["locality (teacher-forced, base predictions kept)"]["edited"] == 1.0
     assert abs(report["text"]["kl_base_edited_per_token"]) < 1e-5
 
 
@@ -317,22 +241,7 @@ def test_print_report_shows_a_few_edits_as_a_person_reads_them():
 
 
 def write_delta(ckpt, path, tensors):
-    try:
-        from edit import save_delta
-    except ImportError:
-        save_delta = None
-    if save_delta is not None:
-        save_delta(path, ckpt, tensors, {})
-        return
-    import hashlib
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-        meta = {f"sha256.{n}": hashlib.sha256(f.get_tensor(n).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-                for n in tensors}
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path), metadata=meta)
+    delta.save(path, ckpt, tensors, {})
 
 
 def run_cli(*args):
@@ -389,3 +298,39 @@ def test_cli_bad_input_gives_one_line(tmp_path, how, words):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluate.py: error:") and words in lines[0], r.stderr
+
+
+def bf16_checkpoint(d):
+    """A tiny llama stored in bfloat16, as the default checkpoints are."""
+    from safetensors.torch import load_file, save_file
+
+    make_checkpoint(d, "llama")
+    t = load_file(str(d / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in t.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_eval_flag_and_evaluate_py_score_one_delta_alike(tmp_path):
+    """On a bf16 checkpoint: the delta keeps the trained fp32 tensor, and edit.py --eval and
+    evaluate.py (both float32 on a CPU) report the same figures for it."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    bf16_checkpoint(ckpt)
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("".join(json.dumps(e.to_json()) + "\n" for e in tiny_edits(6)))
+    r = subprocess.run([sys.executable, str(ROOT / "edit.py"), "--ckpt", ckpt, "--edits", edits, "--layer", "1",
+                        "--epochs", "3", "--lr", "0.05", "--out", tmp_path / "run", "--eval"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    d = load_file(str(tmp_path / "run" / "delta.safetensors"))
+    assert d[DOWN].dtype == torch.float32 and not torch.equal(d[DOWN], d[DOWN].to(torch.bfloat16).float())
+    r = run_cli("--ckpt", ckpt, "--delta", tmp_path / "run" / "delta.safetensors", "--edits", edits,
+                "--out", tmp_path / "report.json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["dtype"] == "float32"
+    assert report["metrics"] == json.loads((tmp_path / "run" / "eval.json").read_text())["metrics"]

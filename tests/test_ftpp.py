@@ -1,4 +1,5 @@
-"""FT++ regularisers (ftpp.py): what the FT++ issue asks to prove, on a tiny random model."""
+"""FT++ regularisers (ftpp.py) on a tiny random model, and the relation token on a real tokenizer."""
+import pytest
 import torch
 
 import data
@@ -8,97 +9,90 @@ import model as M
 from tiny import make_checkpoint
 
 EDITS = [
-    data.Edit(prompt="w5 w17 w99", target="w42 w43", old_answer="w7"),
-    data.Edit(prompt="w6 w18", target="w44", old_answer="w8 w9"),
-    data.Edit(prompt="w10 w11 w12 w13", target="w45 w46 w47", old_answer=None),  # no old answer
-    data.Edit(prompt="w20 w21 w22", target="w48", old_answer="w30"),
+    data.Edit(prompt="w5 w17 w99", target="w42 w43", subject="w17", old_answer="w7"),
+    data.Edit(prompt="w6 w18", target="w44", subject="w6", old_answer="w8 w9"),
+    data.Edit(prompt="w10 w11 w12 w13", target="w45 w46 w47", subject="w12", old_answer=None),  # no old answer
+    data.Edit(prompt="w20 w21 w22", target="w48", subject="w20", old_answer="w30"),
 ]
 LAYER = 1
-
-
-def setup(tmp_path, cfg: ftpp.FTPPConfig, edits=EDITS, general_lines=None):
-    make_checkpoint(tmp_path, "qwen2")
-    model, tok = M.load(tmp_path, dtype="float32")
-    if general_lines is not None:
-        (tmp_path / "general.txt").write_text("\n".join(general_lines))
-        cfg.general_text = str(tmp_path / "general.txt")
-    pairs = [(e.prompt, e.target) for e in edits]
-    encoded = [data.encode_edit(tok, p, t) for p, t in pairs]
-
-    def prefix_cache(enc):
-        return edit.build_prefix_cache(model, enc, tok.pad_id, LAYER)
-
-    reg = ftpp.FTPP(model, tok, pairs, [e.old_answer for e in edits], encoded, LAYER, cfg, prefix_cache)
-    return model, tok, reg, prefix_cache(encoded), encoded
-
-
+DOWN = f"model.layers.{LAYER}.mlp.down_proj.weight"
 GENERAL = ["w100 w101 w102 w103 w104 w105 w106", "w110 w111 w112", "w120 w121 w122 w123 w124 w125 w126 w127 w128"]
 
 
-def train_down_proj(model):
-    name = f"model.layers.{LAYER}.mlp.down_proj.weight"
-    p = torch.nn.Parameter(dict(model.named_parameters())[name].detach().clone())
-    edit._set_param(model, name, p)
-    return p
+def setup(tmp_path, edits=EDITS, **weights):
+    make_checkpoint(tmp_path, "qwen2")
+    model, tok = M.load(tmp_path)
+    (tmp_path / "general.txt").write_text("\n".join(GENERAL))
+    hp = edit.Hparams(layer=LAYER, general_text=str(tmp_path / "general.txt"), **weights)
+    pairs = [(e.prompt, e.target) for e in edits]
+    encoded = [data.encode_edit(tok, p, t) for p, t in pairs]
+    cache = data.PrefixCache(model, encoded, tok.pad_id, LAYER)
+    reg = ftpp.FTPP(model, tok, pairs, [e.subject for e in edits], [e.old_answer for e in edits], encoded, cache, hp)
+    return model, tok, reg, cache, hp
 
 
 def test_kl_terms_are_zero_before_the_first_step(tmp_path):
-    model, _, reg, cache, _ = setup(tmp_path, ftpp.FTPPConfig(general_kl=1.0, local_kl=1.0), general_lines=GENERAL)
+    model, _, reg, cache, _ = setup(tmp_path, general_kl=1.0, local_kl=1.0)
     idx = list(range(len(EDITS)))
-    h, batch = cache.batch(idx, "cpu", packed=False)
-    _, parts = reg.loss(model, idx, h, batch)
-    assert abs(parts["general_kl"].item()) < 1e-6
-    assert abs(parts["local_kl"].item()) < 1e-6
+    h, batch = cache.batch(idx, packed=False)
+    reg.loss(model, idx, h, batch)
+    parts = reg.epoch_parts()
+    assert abs(parts["general_kl"]) < 1e-6 and abs(parts["local_kl"]) < 1e-6
 
 
 def test_kl_terms_grow_once_the_tensor_moves_and_gradients_reach_only_it(tmp_path):
-    model, _, reg, cache, _ = setup(tmp_path, ftpp.FTPPConfig(general_kl=1.0, local_kl=1.0), general_lines=GENERAL)
-    p = train_down_proj(model)
-    with torch.no_grad():
-        p.add_(torch.randn_like(p) * 0.5)
-    idx = [0, 1, 2, 3]
-    h, batch = cache.batch(idx, "cpu", packed=False)
-    loss, parts = reg.loss(model, idx, h, batch)
-    assert parts["general_kl"].item() > 1e-4 and parts["local_kl"].item() > 1e-4
-    for term in ("general_kl", "local_kl"):
-        p.grad = None
-        parts[term].backward(retain_graph=True)
-        assert p.grad is not None and p.grad.abs().sum() > 0
-    trained = {n for n, q in model.named_parameters() if q.requires_grad}
-    assert trained == {f"model.layers.{LAYER}.mlp.down_proj.weight"}
-    assert all(q.grad is None for n, q in model.named_parameters() if n not in trained)
+    model, _, reg, cache, hp = setup(tmp_path, general_kl=1.0, local_kl=1.0)
+    with edit.trainable_copies(model, [DOWN]) as params:
+        p = params[DOWN]
+        with torch.no_grad():
+            p.add_(torch.randn_like(p) * 0.5)
+        idx = [0, 1, 2, 3]
+        h, batch = cache.batch(idx, packed=False)
+        for term in ("general_kl", "local_kl"):  # each term alone: its gradient reaches the tensor
+            reg.hp = edit.Hparams(layer=LAYER, general_text=hp.general_text, **{term: 1.0})
+            p.grad = None
+            loss = reg.loss(model, idx, h, batch)
+            assert reg.epoch_parts()[term] > 1e-4
+            loss.backward()
+            assert p.grad is not None and p.grad.abs().sum() > 0
+        trained = {n for n, q in model.named_parameters() if q.requires_grad}
+        assert trained == {DOWN}
+        assert all(q.grad is None for n, q in model.named_parameters() if n not in trained)
 
 
 def test_smoothing_alpha_0_and_1_reduce_to_plain_ce_on_new_and_old_answer(tmp_path):
     with_old = [e for e in EDITS if e.old_answer is not None]
     idx = list(range(len(with_old)))
     for alpha, answer in ((0.0, "target"), (1.0, "old_answer")):
-        cfg = ftpp.FTPPConfig(smooth_alpha=alpha)
-        model, tok, reg, cache, _ = setup(tmp_path / str(alpha), cfg, edits=with_old)
-        h, batch = cache.batch(idx, "cpu", packed=False)
-        got, _ = reg.loss(model, idx, h, batch)
+        model, tok, reg, cache, hp = setup(tmp_path / str(alpha), edits=with_old, smooth_alpha=alpha)
+        h, batch = cache.batch(idx, packed=False)
+        got = reg.loss(model, idx, h, batch)
         plain = [data.encode_edit(tok, e.prompt, getattr(e, answer)) for e in with_old]
-        h2, b2 = edit.build_prefix_cache(model, plain, tok.pad_id, LAYER).batch(idx, "cpu", packed=False)
-        torch.testing.assert_close(got, edit.edit_loss(model, h2, b2, LAYER), rtol=1e-6, atol=0)
+        plain_cache = data.PrefixCache(model, plain, tok.pad_id, LAYER)
+        torch.testing.assert_close(got, edit.batch_loss(model, plain_cache, idx, edit.Hparams(layer=LAYER)),
+                                   rtol=1e-6, atol=0)
 
 
 def test_edits_without_old_answer_are_trained_plainly_and_counted(tmp_path):
-    model, tok, reg, cache, _ = setup(tmp_path, ftpp.FTPPConfig(smooth_alpha=0.5))
+    model, tok, reg, cache, hp = setup(tmp_path, smooth_alpha=0.5)
     assert reg.stats["edits_without_old_answer"] == 1
     idx = [2]  # the edit without an old answer: smoothing must not touch it
-    h, batch = cache.batch(idx, "cpu", packed=False)
-    got, _ = reg.loss(model, idx, h, batch)
-    torch.testing.assert_close(got, edit.edit_loss(model, h, batch, LAYER), rtol=0, atol=0)
+    h, batch = cache.batch(idx, packed=False)
+    got = reg.loss(model, idx, h, batch)
+    torch.testing.assert_close(got, edit.batch_loss(model, cache, idx, edit.Hparams(layer=LAYER)), rtol=1e-6, atol=0)
 
 
-def test_zero_weights_give_the_plain_locft_loss_bit_for_bit(tmp_path):
-    """Even through FTPP.loss with every weight 0, the loss equals edit_loss exactly; and
-    edit() with A = L1 = L2 = 0 does not build FTPP at all."""
-    model, _, reg, cache, _ = setup(tmp_path, ftpp.FTPPConfig())
+def test_zero_weights_give_the_plain_locft_loss(tmp_path):
+    """Through FTPP.loss with every weight 0 the loss is plain LocFT-BF's, and edit() with all
+    weights 0 never builds an FTPP (so its loss is the packed path's, bit for bit)."""
+    model, tok, reg, cache, _ = setup(tmp_path)
     idx = [3, 0, 2]
-    h, batch = cache.batch(idx, "cpu", packed=False)
-    got, _ = reg.loss(model, idx, h, batch)
-    assert torch.equal(got, edit.edit_loss(model, h, batch, LAYER))
+    h, batch = cache.batch(idx, packed=False)
+    torch.testing.assert_close(reg.loss(model, idx, h, batch),
+                               edit.batch_loss(model, cache, idx, edit.Hparams(layer=LAYER)), rtol=1e-6, atol=0)
+    assert not ftpp.active(edit.Hparams())
+    _, log = edit.edit(model, tok, EDITS, edit.Hparams(layer=LAYER, epochs=1), say=lambda s: None)
+    assert "ftpp" not in log
 
 
 def test_general_sentences_match_the_edit_lengths(tmp_path):
@@ -111,12 +105,49 @@ def test_general_sentences_match_the_edit_lengths(tmp_path):
 
 def test_ftpp_options_through_edit_train_and_log(tmp_path):
     make_checkpoint(tmp_path, "qwen2")
-    model, tok = M.load(tmp_path, dtype="float32")
+    model, tok = M.load(tmp_path)
     (tmp_path / "general.txt").write_text("\n".join(GENERAL))
-    cfg = edit.EditConfig(layer=LAYER, epochs=3, lr=1e-3, batch_size=2, smooth_alpha=0.2, general_kl=0.5,
-                          general_text=str(tmp_path / "general.txt"), local_kl=0.5)
-    trained, log = edit.edit(model, tok, EDITS, cfg, say=lambda s: None)
-    name = f"model.layers.{LAYER}.mlp.down_proj.weight"
-    assert not torch.equal(trained[name], dict(model.named_parameters())[name].float())
-    assert log["ftpp"]["edits_without_old_answer"] == 1
-    assert {"general_kl", "local_kl"} <= set(log["epochs"][-1])
+    hp = edit.Hparams(layer=LAYER, epochs=3, lr=1e-3, batch_size=2, smooth_alpha=0.2, general_kl=0.5,
+                      general_text=str(tmp_path / "general.txt"), local_kl=0.5)
+    trained, log = edit.edit(model, tok, EDITS, hp, say=lambda s: None)
+    assert not torch.equal(trained[DOWN], dict(model.named_parameters())[DOWN].float())
+    assert log["ftpp"]["edits_without_old_answer"] == 1 and log["ftpp"]["local_kl_fallback_to_last_token"] == 0
+    assert {"edit", "general_kl", "local_kl"} <= set(log["epochs"][-1])
+
+
+# -- the relation token r_l on a real tokenizer ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    return M.load(smollm2_dir)
+
+
+@pytest.mark.parametrize("prompt, subject, r_l", [
+    ("Which river system contains Charity Creek?", "Charity Creek", " contains"),  # ZsRE: subject last
+    ("What is the date of birth of Paul Lafargue?", "Paul Lafargue", " of"),
+    ("Reedy Glacier is in", "Reedy Glacier", " in"),  # CounterFact: subject first
+    ("Danielle Darrieux's mother tongue is", "Danielle Darrieux", " is"),
+    ("The weather was mild that day. Which river system contains Charity Creek?", "Charity Creek", " contains"),
+])
+def test_relation_last_token(smollm2, prompt, subject, r_l):
+    _, tok = smollm2
+    i = ftpp.relation_last_token(tok, prompt, subject)
+    assert tok.decode([tok.encode(prompt)[i]]) == r_l
+
+
+def test_local_kl_on_a_zsre_prompt_predicts_the_relation_token_not_the_question_mark(smollm2):
+    model, tok = smollm2
+    edits = [data.Edit("Which river system contains Charity Creek?", "Chichester River", subject="Charity Creek"),
+             data.Edit("What is the capital of Freedonia?", "Fredville", subject="Atlantis")]  # subject not there
+    pairs = [(e.prompt, e.target) for e in edits]
+    encoded = [data.encode_edit(tok, p, t) for p, t in pairs]
+    hp = edit.Hparams(layer=20, local_kl=1.0)
+    cache = data.PrefixCache(model, encoded, tok.pad_id, hp.layer)
+    said = []
+    reg = ftpp.FTPP(model, tok, pairs, [e.subject for e in edits], [None, None], encoded, cache, hp, say=said.append)
+    ids = encoded[0][0]
+    assert tok.decode([ids[reg.local_pos[0] + 1]]) == " contains"  # the position predicting r_l
+    n_prompt = encoded[1][1]
+    assert reg.local_pos[1] == n_prompt - 2 and tok.decode([encoded[1][0][n_prompt - 1]]) == "?"  # the fallback
+    assert reg.stats["local_kl_fallback_to_last_token"] == 1 and "1 of 2 prompts" in said[0]

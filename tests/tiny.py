@@ -42,10 +42,3 @@ def make_checkpoint(tmp_path, variant, shard_size=None):
     write_tokenizer(tmp_path)
     return hf
 
-
-
-
-def tiny_checkpoint(tmp_path, variant="llama", seed=0):
-    """Build and save a tiny random checkpoint; returns its directory."""
-    make_checkpoint(tmp_path, variant)
-    return tmp_path

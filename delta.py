@@ -1,0 +1,103 @@
+"""A delta file: the tensors an edit changed, and proof of the base they belong to.
+
+    delta.safetensors   {checkpoint name: trained tensor (fp32, exactly as trained)}
+    metadata            sha256.<name> and dtype.<name>: the original tensor as the checkpoint
+                        stores it; plus whatever the writer adds (layer, hyper-parameters, ...)
+
+`apply` refuses a delta made for another base (or an already edited model) by hashing the
+model's tensor in the checkpoint's dtype; it returns the replaced values, so
+`model.load_tensors(originals)` restores the base bit for bit. `export` writes a whole
+checkpoint directory in the checkpoint's own dtype, which transformers or vLLM load as usual.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model import checkpoint_files
+
+
+class DeltaError(ValueError):
+    """A delta file that cannot be applied; the message names the file and the problem."""
+
+
+def sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def stored_tensors(ckpt_dir, names) -> dict[str, torch.Tensor]:
+    """The named tensors exactly as the checkpoint files store them (their own dtype)."""
+    found = {}
+    for f in checkpoint_files(ckpt_dir):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for name in set(names) & set(sf.keys()):
+                found[name] = sf.get_tensor(name)
+    return found
+
+
+def save(path, ckpt_dir, trained: dict[str, torch.Tensor], meta: dict[str, str]):
+    """Write the trained tensors in fp32 (what was trained is what gets evaluated), with the
+    fingerprint of each original."""
+    meta = dict(meta)
+    for name, orig in stored_tensors(ckpt_dir, trained).items():
+        meta[f"sha256.{name}"] = sha256(orig)
+        meta[f"dtype.{name}"] = str(orig.dtype).removeprefix("torch.")
+    save_file({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in trained.items()}, str(path), meta)
+
+
+def read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaError(f"delta {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as sf:
+            return {n: sf.get_tensor(n) for n in sf.keys()}, sf.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise DeltaError(f"delta {path}: not a readable safetensors file ({e})") from None
+
+
+def apply(model, path) -> dict[str, torch.Tensor]:
+    """Put the delta's tensors into `model`; returns the values they replaced."""
+    tensors, meta = read(path)
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        if name not in params:
+            raise DeltaError(f"delta {path}: tensor {name} does not exist in this model (made for another base)")
+        p = params[name]
+        if tuple(p.shape) != tuple(t.shape):
+            raise DeltaError(f"delta {path}: tensor {name} has shape {tuple(t.shape)}, this model's is {tuple(p.shape)}")
+        if f"sha256.{name}" not in meta:
+            raise DeltaError(f"delta {path}: no sha256 for {name} in its metadata; not a delta written by edit.py")
+        stored_dtype = getattr(torch, meta.get(f"dtype.{name}", str(t.dtype).removeprefix("torch.")))
+        if sha256(p.detach().to(stored_dtype)) != meta[f"sha256.{name}"]:
+            raise DeltaError(f"delta {path}: tensor {name} differs from the base it was made for "
+                             f"(another checkpoint, an already edited model, or a lossy --dtype)")
+    return model.load_tensors(tensors, keep_originals=True)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def export(ckpt_dir, dest, tensors: dict[str, torch.Tensor]):
+    """Write a whole checkpoint into the existing directory `dest`: the shards holding a changed
+    tensor rewritten (in the checkpoint's dtype), every other shard and the config, tokenizer and
+    index files copied (real copies, never links)."""
+    ckpt_dir, dest = Path(ckpt_dir), Path(dest)
+    for f in checkpoint_files(ckpt_dir):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            changed = tensors.keys() & set(sf.keys())
+            if changed:
+                new = {k: sf.get_tensor(k) for k in sf.keys()}
+                for k in changed:
+                    new[k] = tensors[k].to(new[k].dtype).contiguous()
+                save_file(new, str(dest / f.name), metadata=sf.metadata())
+                continue
+        shutil.copyfile(f, dest / f.name)
+    for f in ckpt_dir.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(f, dest / f.name)
