@@ -8,6 +8,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # shared test helpers (tiny.py)
 import subprocess
 
 import pytest
+import torch
 
 
 def converted(tmp_path_factory, name: str) -> Path:
@@ -26,3 +27,24 @@ def smollm2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen_dir(tmp_path_factory) -> Path:
     return converted(tmp_path_factory, "qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny llama whose weights are scaled up so greedy outputs vary from token to token:
+    (checkpoint dir, model, tokenizer). One per test module."""
+    import model as M
+    from tiny import make_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(d, "llama")
+    model, tok = M.load(d)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 3-layer model gains nothing from threads, and loses when cores are busy
+    yield d, model, tok
+    torch.set_num_threads(threads)

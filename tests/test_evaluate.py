@@ -61,23 +61,6 @@ def test_exact_match(pred, target, same):
 # Decoding
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny llama whose weights are scaled up so greedy outputs vary from token to token."""
-    d = tmp_path_factory.mktemp("tiny")
-    make_checkpoint(d, "llama")
-    model, tok = M.load(d)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 3-layer model gains nothing from threads, and loses when cores are busy
-    yield d, model, tok
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Metrics
 

@@ -4,24 +4,6 @@ import torch
 
 import generate as G
 import model as M
-from tiny import make_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny llama whose weights are scaled up so greedy outputs vary from token to token."""
-    d = tmp_path_factory.mktemp("tiny")
-    make_checkpoint(d, "llama")
-    model, tok = M.load(d)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 3-layer model gains nothing from threads, and loses when cores are busy
-    yield d, model, tok
-    torch.set_num_threads(threads)
 
 
 PROMPTS = [" ".join(f"w{3 + (i * 7 + j * 13) % 300}" for j in range(1 + i % 6)) for i in range(12)]
