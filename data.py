@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ class Edit:
     rephrases: list[str] = field(default_factory=list)  # paraphrased prompts (generalization)
     locality: list[tuple[str, str]] = field(default_factory=list)  # unrelated (prompt, answer) pairs
     old_answer: str | None = None  # the answer before the edit, when the data set knows it
+    record: int | None = field(default=None, compare=False, repr=False)  # its index in the file
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "target": self.target, "subject": self.subject,
@@ -246,12 +247,28 @@ def load_edits(path, n: int | None = None, seed: int | None = None) -> list[Edit
         if not isinstance(r, dict):
             raise EditFileError(f"edits file {path}, record {i}: expected an object, got {type(r).__name__}")
         try:
-            edits.append(convert(r))
+            edits.append(replace(convert(r), record=i))
         except _BadField as e:
             raise EditFileError(f"edits file {path}, record {i}: field {e.field!r} {e.problem} ({name})") from None
         except KeyError as e:
             raise EditFileError(f"edits file {path}, record {i}: field {e.args[0]!r} is missing ({name})") from None
     return edits
+
+
+def check_context(tok, edits: list[Edit], path, limit: int, new_tokens: int = 0, prefix_tokens: int = 0):
+    """Refuse, naming the record, an edit whose training sequence (prompt + target + EOS, plus
+    `prefix_tokens` of augmentation) or whose prompts plus `new_tokens` decoded tokens (when
+    evaluating) do not fit the model's context of `limit` tokens."""
+    for i, e in enumerate(edits):
+        where = f"edits file {path}, record {e.record if e.record is not None else i}"
+        n = len(encode_edit(tok, e.prompt, e.target)[0]) + prefix_tokens
+        if n > limit:
+            raise EditFileError(f"{where}: prompt + target is {n} tokens, longer than the model's context ({limit})")
+        for p in ([e.prompt, *e.rephrases, *(q for q, _ in e.locality)] if new_tokens else []):
+            n = len(tok.encode(p)) + new_tokens
+            if n > limit:
+                raise EditFileError(f"{where}: a prompt of {n - new_tokens} tokens + {new_tokens} to generate does "
+                                    f"not fit the model's context ({limit}): {p[:60]!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,11 +425,12 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:
 
 
 class PrefixCache:
-    """The hidden states entering layer `layer` of every sequence in `encoded`: (N, T_max, D).
+    """The hidden states entering layer `layer` of every token of every sequence in `encoded`,
+    packed: (total tokens, D), sequence i in rows offsets[i]:offsets[i + 1]. Memory is tokens x D
+    in the model's dtype, on `device` (default the model's; "cpu" keeps it in host memory).
 
     Exact, not an approximation: nothing below `layer` changes during training, and with right
-    padding and causal attention no real token ever sees a pad. Built in length-sorted batches
-    (little padding); kept on `device` (default: the model's; "cpu" for very large edit sets).
+    padding and causal attention no real token ever sees a pad. Built in length-sorted batches.
     """
 
     row_tokens = 1024  # a packed row holds at most this many tokens (attention is quadratic in it)
@@ -423,28 +441,28 @@ class PrefixCache:
         self.encoded, self.pad_id = encoded, pad_id
         self.model_device = model.lm_head.weight.device
         device = torch.device(device) if device else self.model_device
-        self.h = torch.zeros(len(encoded), max(len(ids) for ids, _ in encoded), model.args.dim,
-                             dtype=model.model.embed_tokens.weight.dtype, device=device,
-                             pin_memory=device.type == "cpu" and self.model_device.type == "cuda")
+        lengths = torch.tensor([len(ids) for ids, _ in encoded])
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        self.h = torch.empty(int(self.offsets[-1]), model.args.dim, dtype=model.model.embed_tokens.weight.dtype,
+                             device=device, pin_memory=device.type == "cpu" and self.model_device.type == "cuda")
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             b = collate([encoded[i] for i in idx], pad_id).to(self.model_device)
             h = model.hidden_states(b.ids, layer=layer)  # (B, T, D); no mask needed: right padding
-            self.h[torch.as_tensor(idx, device=device), :h.shape[1]] = h.to(device)
+            self.h[self.rows_of(idx)] = h[b.attention_mask.bool()].to(device)  # real tokens, row by row
+
+    def rows_of(self, idx: list[int]) -> torch.Tensor:
+        """The cache rows of sequences `idx`, one after the other."""
+        return torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]).to(self.h.device)
 
     def batch(self, idx: list[int], packed: bool = True) -> tuple[torch.Tensor, Batch]:
-        """Rows `idx` on the model's device: packed back to back (no compute on padding), or
+        """Sequences `idx` on the model's device: packed back to back (no compute on padding), or
         right-padded to the longest of them."""
         seqs = [self.encoded[i] for i in idx]
-        cache_dev = self.h.device
-        if packed:
-            b = pack(seqs, self.row_tokens)
-            real = b.segments >= 0  # each packed token's state, from its own sequence's row
-            rows = torch.as_tensor(idx)[b.segments[real]].to(cache_dev)
-            h = self.h.new_zeros(*b.ids.shape, self.h.shape[-1])
-            h[real.to(cache_dev)] = self.h[rows, b.positions[real].to(cache_dev)]
-        else:
-            b = collate(seqs, self.pad_id)
-            h = self.h[torch.as_tensor(idx, device=cache_dev), :b.ids.shape[1]]
+        b = pack(seqs, self.row_tokens) if packed else collate(seqs, self.pad_id)
+        real = b.segments >= 0 if packed else b.attention_mask.bool()
+        h = self.h.new_zeros(*b.ids.shape, self.h.shape[-1])
+        # packed rows hold the sequences in order too, so the real tokens line up with rows_of(idx)
+        h[real.to(h.device)] = self.h[self.rows_of(idx)]
         return h.to(self.model_device, non_blocking=True), b.to(self.model_device)

@@ -50,31 +50,38 @@ def save(path, ckpt_dir, trained: dict[str, torch.Tensor], meta: dict[str, str])
     save_file({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in trained.items()}, str(path), meta)
 
 
-def read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def check(path, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Read only the delta's header and refuse, in one line, a file that is not a delta for a
+    model with these parameter `shapes` (see model.parameter_shapes). Returns its metadata."""
     path = Path(path)
     if not path.is_file():
         raise DeltaError(f"delta {path}: no such file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as sf:
-            return {n: sf.get_tensor(n) for n in sf.keys()}, sf.metadata() or {}
+            meta, header = sf.metadata() or {}, {n: tuple(sf.get_slice(n).get_shape()) for n in sf.keys()}
     except (SafetensorError, OSError) as e:
         raise DeltaError(f"delta {path}: not a readable safetensors file ({e})") from None
+    layers = sum(1 for n in shapes if n.endswith(".input_layernorm.weight"))
+    for name, shape in header.items():
+        if name not in shapes:
+            raise DeltaError(f"delta {path}: tensor {name} does not exist in this model (made for another base; "
+                             f"this one has layers 0..{layers - 1})")
+        if shape != shapes[name]:
+            raise DeltaError(f"delta {path}: tensor {name} has shape {shape}, this model's is {shapes[name]}")
+        if f"sha256.{name}" not in meta:
+            raise DeltaError(f"delta {path}: no sha256 for {name} in its metadata; not a delta written by edit.py")
+    return meta
 
 
 def apply(model, path) -> dict[str, torch.Tensor]:
     """Put the delta's tensors into `model`; returns the values they replaced."""
-    tensors, meta = read(path)
     params = dict(model.named_parameters())
+    meta = check(path, {n: tuple(p.shape) for n, p in params.items()})
+    with safe_open(str(path), framework="pt", device="cpu") as sf:
+        tensors = {n: sf.get_tensor(n) for n in sf.keys()}
     for name, t in tensors.items():
-        if name not in params:
-            raise DeltaError(f"delta {path}: tensor {name} does not exist in this model (made for another base)")
-        p = params[name]
-        if tuple(p.shape) != tuple(t.shape):
-            raise DeltaError(f"delta {path}: tensor {name} has shape {tuple(t.shape)}, this model's is {tuple(p.shape)}")
-        if f"sha256.{name}" not in meta:
-            raise DeltaError(f"delta {path}: no sha256 for {name} in its metadata; not a delta written by edit.py")
         stored_dtype = getattr(torch, meta.get(f"dtype.{name}", str(t.dtype).removeprefix("torch.")))
-        if sha256(p.detach().to(stored_dtype)) != meta[f"sha256.{name}"]:
+        if sha256(params[name].detach().to(stored_dtype)) != meta[f"sha256.{name}"]:
             raise DeltaError(f"delta {path}: tensor {name} differs from the base it was made for "
                              f"(another checkpoint, an already edited model, or a lossy --dtype)")
     return model.load_tensors(tensors, keep_originals=True)

@@ -52,6 +52,10 @@ MODULES = {
 STOP_LOSS = 1e-2  # skip a step below this batch loss; stop when an epoch's mean is below it
 
 
+def say(line: str):
+    print(line, flush=True)  # progress lines show at once, also through a pipe or `tee`
+
+
 @dataclass
 class Hparams:
     """Every training choice and its default, defined here only (the CLI's defaults come from it)."""
@@ -118,7 +122,7 @@ def make_optimizer(params: dict[str, nn.Parameter], hp: Hparams) -> torch.optim.
 # LocFT-BF
 
 
-def prepare(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=print):
+def prepare(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say):
     """Steps 1 and 2: the training sequences, their prefix cache at layer L, and FT++'s cached
     base distributions (None when FT++ is off), all computed while the model is the base."""
     k = hp.augment_prefixes  # each edit's k prefixed copies follow it
@@ -133,7 +137,7 @@ def prepare(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, 
     return encoded, cache, reg
 
 
-def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=print):
+def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say):
     """Fine-tune `hp.module` of layer `hp.layer` on `edits`, breadth-first. Returns
     ({name: trained fp32 tensor}, log); the model is left exactly as it was."""
     t0 = time.time()
@@ -141,7 +145,8 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
     n = len(encoded)
     bs = hp.batch_size or auto_batch_size(n)
     log = {"batch_size": bs, "prefix_seconds": time.time() - t0, "epochs": []}
-    say(f"{n} training sequences, batch {bs} ({math.ceil(n / bs)} steps per epoch), up to {hp.epochs} epochs")
+    say(f"{n} training sequences ({sum(len(ids) for ids, _ in encoded)} tokens), batch {bs} "
+        f"({math.ceil(n / bs)} steps per epoch), up to {hp.epochs} epochs")
     shuffle = torch.Generator().manual_seed(hp.seed)
     with trainable_copies(model, select_params(model, hp.layer, hp.module)) as params:  # step 3
         opt = make_optimizer(params, hp)
@@ -173,7 +178,7 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
     return trained, finish_log(log, edits, encoded, hp, reg, t0)
 
 
-def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=print):
+def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say):
     """The baseline the paper argues against (EasyEdit's FT-M, edited sequentially): edits one at
     a time, in file order, in one pass; each gets a fresh Adam and at most `hp.max_steps` steps,
     and is left once its loss is below 1e-2. Targets, cache, tensor and loss as in `locft_bf`.
@@ -239,7 +244,7 @@ def finish_log(log: dict, edits, encoded, hp: Hparams, reg, t0: float) -> dict:
     return log
 
 
-def edit(model, tok, edits, hp: Hparams, cache_device=None, say=print):
+def edit(model, tok, edits, hp: Hparams, cache_device=None, say=say):
     """LocFT-BF or the depth-first baseline, as `hp.pipeline` says."""
     train = depth_first if hp.pipeline == "df" else locft_bf
     return train(model, tok, edits, hp, cache_device, say)
@@ -249,15 +254,9 @@ def edit(model, tok, edits, hp: Hparams, cache_device=None, say=print):
 # The command line: every input is checked here, before the model's weights are read
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block: "error: argument --lr: expected one argument"
-        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     H = Hparams
-    p = _Parser(description="LocFT-BF model editing: fine-tune one tensor on a set of edits.")
+    p = evaluate.OneLineParser(description="LocFT-BF model editing: fine-tune one tensor on a set of edits.")
     p.add_argument("--ckpt", required=True, help="Hugging Face checkpoint directory (safetensors)")
     p.add_argument("--edits", required=True, help="edit file (ZsRE, CounterFact, WikiBigEdit, edits.jsonl)")
     p.add_argument("--layer", default=H.layer,
@@ -322,18 +321,19 @@ def resolve_layer(spec, n_layers: int) -> int:
 
 def check_args(args) -> None:
     """Every flag that can be wrong on its own, as one line naming it."""
-    positive = {"--lr": args.lr, "--batch-size": args.batch_size, "--epochs": args.epochs,
-                "--max-steps": args.max_steps, "--n": args.n}
+    positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--max-steps": args.max_steps, "--n": args.n}
     for flag, v in positive.items():
-        if v is not None and not (v > 0 and math.isfinite(v)):
+        if v is not None and v <= 0:
             raise EditError(f"{flag} must be positive, got {v}")
+    if not 0 < args.lr <= 1:  # NaN fails too; above 1, Adam's steps overflow and nothing is learnt
+        raise EditError(f"--lr must be in (0, 1], got {args.lr}")
     if not 0 <= args.augment_prefixes <= len(data.PREFIXES):
         raise EditError(f"--augment-prefixes must be between 0 and {len(data.PREFIXES)}, got {args.augment_prefixes}")
     if not 0 <= args.smooth_alpha <= 1:
         raise EditError(f"--smooth-alpha must be in [0, 1], got {args.smooth_alpha}")
     for flag, v in (("--general-kl", args.general_kl), ("--local-kl", args.local_kl), ("--weight-decay", args.weight_decay)):
-        if not (v >= 0 and math.isfinite(v)):
-            raise EditError(f"{flag} must be >= 0, got {v}")
+        if not 0 <= v <= 1e6:  # NaN and overflowing weights fail too
+            raise EditError(f"{flag} must be between 0 and 1e6, got {v}")
     if args.general_kl:
         path = Path(args.general_text)
         if not path.is_file():
@@ -381,20 +381,70 @@ def atomic_dir(final: Path, write, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def memory_plan(margs, lengths: list[int], hp: Hparams, dtype: torch.dtype, device: str, cache_device) -> dict:
+    """What a run will hold, in bytes, computed from the config and the token counts alone: the
+    frozen model, the prefix cache (every token once), the trained tensors with their gradient
+    and Adam's two moments (fp32), and a rough bound on one step's activations."""
+    shapes = model_lib.parameter_shapes(margs)
+    size = torch.finfo(dtype).bits // 8
+    trained = sum(math.prod(s) for n, s in shapes.items() if n.startswith(f"model.layers.{hp.layer}.")
+                  and any(n[len(f"model.layers.{hp.layer}."):].startswith(p) for p in MODULES[hp.module]))
+    bs = hp.batch_size or auto_batch_size(len(lengths))
+    step_tokens = sum(sorted(lengths)[-bs:])  # the longest mini-batch there can be
+    per_token = (margs.n_layers - hp.layer) * (8 * margs.dim + 4 * margs.intermediate_size) * 4  # saved for backward
+    plan = {"model": sum(math.prod(s) for s in shapes.values()) * size, "prefix_cache": sum(lengths) * margs.dim * size,
+            "trained_and_adam": trained * 4 * 4, "activations": step_tokens * per_token + step_tokens * margs.vocab_size * 8}
+    on_cache = torch.device(cache_device or device)
+    plan["device_total"] = plan["model"] + plan["trained_and_adam"] + plan["activations"] + \
+        (plan["prefix_cache"] if on_cache == torch.device(device) else 0)
+    plan["host_total"] = plan["prefix_cache"] if on_cache.type == "cpu" and torch.device(device).type != "cpu" else 0
+    return plan
+
+
+def free_bytes(device: str) -> int | None:
+    """Memory free on `device` (None when unknown): the GPU's, or the host's available memory."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        return int(next(l for l in open("/proc/meminfo") if l.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def check_memory(plan: dict, device: str):
+    gb = lambda b: f"{b / 2**30:.2f} GB"  # noqa: E731
+    print(f"memory: model {gb(plan['model'])}, prefix cache {gb(plan['prefix_cache'])}, trained tensors + Adam "
+          f"{gb(plan['trained_and_adam'])}, activations up to ~{gb(plan['activations'])}", flush=True)
+    for where, need in ((device, plan["device_total"]), ("cpu", plan["host_total"])):
+        free = free_bytes(where) if need else None
+        if free is not None and need > free:
+            raise EditError(f"this run needs about {gb(need)} on {where} but {gb(free)} is free; try fewer edits "
+                            f"(--n), a smaller --batch-size, or --cache-device cpu")
+
+
 def run(args) -> Path:
+    # everything that can be known from the arguments, the config, the tokenizer, the edit file
+    # and the safetensors headers is checked before the weights are read
     check_args(args)
     ckpt = Path(args.ckpt)
     margs = model_lib.read_args(ckpt)
     layer = resolve_layer(args.layer, margs.n_layers)
+    tok = model_lib.Tokenizer(ckpt, margs)
     edits = data.load_edits(args.edits, n=args.n, seed=args.seed)
+    prefix = max(len(tok.encode(p, add_special_tokens=False)) for p in data.PREFIXES) + 1 if args.augment_prefixes else 0
+    data.check_context(tok, edits, args.edits, margs.max_position_embeddings, 32 if args.eval else 0, prefix)
     out = Path(args.out) if args.out else \
         Path("out") / f"{ckpt.resolve().name}-{Path(args.edits).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_paths(args, ckpt, out)
     hp = Hparams(**{f.name: getattr(args, f.name) for f in fields(Hparams) if f.name != "seed"},
                  seed=Hparams.seed if args.seed is None else args.seed)
     hp = replace(hp, layer=layer)
-
+    model_lib.check_weights(ckpt, margs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = model_lib.resolve_dtype(args.dtype, margs, device)
+    lengths = [len(data.encode_edit(tok, e.prompt, e.target)[0]) + prefix for e in edits for _ in range(hp.augment_prefixes + 1)]
+    check_memory(memory_plan(margs, lengths, hp, dtype, device, args.cache_device), device)
+
     model, tok = model_lib.load(ckpt, device=device, dtype=args.dtype)
     names = list(select_params(model, layer, hp.module))
     print(f"editing {len(edits)} edits into {', '.join(names)} ({hp.pipeline}, lr {hp.lr:g})", flush=True)
@@ -426,9 +476,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (EditError, data.EditFileError, model_lib.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (EditError, data.EditFileError, model_lib.CheckpointError, delta.DeltaError) as e:
+        print(f"edit.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # output directories are built under a temporary name: none is left
+        print("edit.py: interrupted; no half-written output is left", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

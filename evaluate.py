@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 import delta
-from data import Edit, EditFileError, collate, encode_edit, load_edits
+from data import Edit, EditFileError, check_context, collate, encode_edit, load_edits
 from generate import EDIT_STOP, MAX_NEW_TOKENS, cut_at_stop, greedy
-from model import CheckpointError, load
+from model import CheckpointError, Tokenizer, load, parameter_shapes, read_args
 
 # ----------------------------------------------------------------------------------------------
 # Answers: SQuAD normalisation
@@ -188,7 +188,7 @@ def text_metrics(model, tok, text: str, base: dict | None, edited: dict | None, 
 
 def before_after(model, tok, edits: list[Edit], base: dict[str, torch.Tensor] | None,
                  edited: dict[str, torch.Tensor] | None, text: str | None = None, batch_size: int = 64,
-                 max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+                 max_new_tokens: int = MAX_NEW_TOKENS, say=lambda s: print(s, flush=True)) -> dict:
     """Evaluate the base and the edited weights in one run with one model in memory.
 
     `base` / `edited` map parameter names to tensors (usually only the edited ones); each is
@@ -202,8 +202,10 @@ def before_after(model, tok, edits: list[Edit], base: dict[str, torch.Tensor] | 
     if base:
         model.load_tensors(base)
     groups = probes(edits)
+    say(f"evaluating the base model on {sum(map(len, groups.values()))} prompts ({len(edits)} edits)")
     runs = {"base": score_weights(model, tok, groups, None, batch_size, max_new_tokens)}
     if edited is not None:
+        say(f"evaluating the edited model ({time.time() - t0:.0f}s so far)")
         model.load_tensors(edited)
         runs["edited"] = score_weights(model, tok, groups, runs["base"], batch_size, max_new_tokens)
     text_report = text_metrics(model, tok, text, base, edited) if text is not None else None
@@ -286,8 +288,16 @@ def write_report(report: dict, path) -> None:
 # CLI
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line ("evaluate.py: error: argument --lr: ...") and no usage block."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Greedy before/after evaluation of an edit (reliability, "
+    ap = OneLineParser(description="Greedy before/after evaluation of an edit (reliability, "
                                              "generalization, locality).")
     ap.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
     ap.add_argument("--delta", help="delta.safetensors written by edit.py; without it only the base is evaluated")
@@ -303,9 +313,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     args = ap.parse_args(argv)
     try:
+        # everything that can be known without the weights is checked before they are read
         if args.batch_size <= 0 or args.max_new_tokens <= 0:
             raise ValueError("--batch-size and --max-new-tokens must be positive")
+        margs = read_args(args.ckpt)
+        tok = Tokenizer(args.ckpt, margs)
         edits = load_edits(args.edits, n=args.n, seed=args.seed)
+        check_context(tok, edits, args.edits, margs.max_position_embeddings, args.max_new_tokens)
         text = None
         if args.text:
             try:
@@ -315,7 +329,7 @@ def main(argv=None) -> int:
             if len(text.split()) < 2:
                 raise ValueError(f"--text {args.text}: the text is shorter than two words")
         if args.delta:
-            delta.read(args.delta)  # refuse a missing or unreadable file before loading the model
+            delta.check(args.delta, parameter_shapes(margs))
         model, tok = load(args.ckpt, device=args.device, dtype=args.dtype)
         base = edited = None
         if args.delta:
@@ -324,9 +338,12 @@ def main(argv=None) -> int:
             edited = {n: params[n].detach().clone() for n in base}
         report = before_after(model, tok, edits, base, edited, text=text, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens)
-    except (EditFileError, CheckpointError, ValueError, OSError) as e:
+    except (EditFileError, CheckpointError, ValueError, OSError) as e:  # DeltaError is a ValueError
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("evaluate.py: interrupted; no report was written", file=sys.stderr)
+        return 130
     report["settings"].update(ckpt=str(args.ckpt), delta=args.delta, edits_file=str(args.edits), n=args.n,
                               seed=args.seed)
     print_report(report)

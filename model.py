@@ -62,12 +62,17 @@ class ModelArgs:
             raise CheckpointError(
                 f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        try:
-            dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-            n_layers, inter = cfg["num_hidden_layers"], cfg["intermediate_size"]
-            vocab = cfg["vocab_size"]
-        except KeyError as e:
-            raise CheckpointError(f"{path}: required field {e.args[0]!r} is missing") from None
+        sizes = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+        for key in sizes + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = cfg.get(key)
+            if v is None and key in sizes:
+                raise CheckpointError(f"{path}: required field {key!r} is missing")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise CheckpointError(f"{path}: field {key!r} should be a positive whole number, got {v!r}")
+        dim, n_heads, n_layers, inter, vocab = (cfg[k] for k in sizes)
+        for key in ("rms_norm_eps", "rope_theta"):
+            if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
+                raise CheckpointError(f"{path}: field {key!r} should be a number, got {cfg[key]!r}")
         # transformers >= 4.5x moved rope_theta / rope_scaling into `rope_parameters`.
         rope = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -386,20 +391,25 @@ class Tokenizer:
         ckpt_dir = Path(ckpt_dir)
         tcfg = _read_json(ckpt_dir / "tokenizer_config.json") if (ckpt_dir / "tokenizer_config.json").exists() else {}
         gcfg = _read_json(ckpt_dir / "generation_config.json") if (ckpt_dir / "generation_config.json").exists() else {}
-        if (ckpt_dir / "tokenizer.json").exists():
-            from tokenizers import Tokenizer as HFTokenizer
+        self._tok = self._sp = None
+        try:
+            if (ckpt_dir / "tokenizer.json").exists():
+                from tokenizers import Tokenizer as HFTokenizer
 
-            self._tok = HFTokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
-            self._sp = None
-            self.add_bos = None  # the post-processor decides
-        elif (ckpt_dir / "tokenizer.model").exists():
-            import sentencepiece as spm
+                self._tok = HFTokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
+                self.add_bos = None  # the post-processor decides
+            elif (ckpt_dir / "tokenizer.model").exists():
+                import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=str(ckpt_dir / "tokenizer.model"))
-            self._tok = None
-            self.add_bos = bool(tcfg.get("add_bos_token", True))
-        else:
-            raise CheckpointError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model")
+                self._sp = spm.SentencePieceProcessor(model_file=str(ckpt_dir / "tokenizer.model"))
+                self.add_bos = bool(tcfg.get("add_bos_token", True))
+            else:
+                raise CheckpointError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model")
+        except CheckpointError:
+            raise
+        except Exception as e:  # the libraries' own errors for a corrupt file, in one line
+            name = "tokenizer.json" if (ckpt_dir / "tokenizer.json").exists() else "tokenizer.model"
+            raise CheckpointError(f"{ckpt_dir / name}: cannot be read as a tokenizer ({str(e).splitlines()[0][:200]})") from None
 
         def token_id(value):
             if value is None or isinstance(value, int):
@@ -504,20 +514,54 @@ def resolve_dtype(dtype: str | None, args: ModelArgs, device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every parameter's checkpoint name and shape, from the config alone (no memory used)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied lm_head is not listed
+
+
+def check_weights(ckpt_dir, args: ModelArgs) -> list[Path]:
+    """Read only the safetensors headers and refuse, in one line, a file that is truncated or
+    corrupt, a tensor that is missing, of the wrong shape or not floating point. Returns the files."""
+    from safetensors import SafetensorError, safe_open
+
+    files = checkpoint_files(ckpt_dir)
+    expected, seen = parameter_shapes(args), set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in set(sf.keys()) & set(expected):
+                    t = sf.get_slice(name)
+                    shape, dtype = tuple(t.get_shape()), t.get_dtype()
+                    if shape != expected[name]:
+                        raise CheckpointError(f"{f}: tensor {name} has shape {shape}, config.json implies {expected[name]}")
+                    if dtype not in ("F32", "F16", "BF16", "F64"):
+                        raise CheckpointError(f"{f}: tensor {name} is stored as {dtype}, not floating point")
+                    seen.add(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{ckpt_dir}: tensor {missing[0]} is missing from the checkpoint{more}")
+    return files
+
+
 def load(ckpt_dir, device="cpu", dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
     """Load a checkpoint directory: the model (eval mode, frozen) and its tokenizer, in the
     dtype `resolve_dtype` picks (float32 on a CPU unless told otherwise).
 
-    Weights stream from the safetensors files straight into parameters allocated on `device`;
-    no second full copy of the model exists at any time.
+    Every header is checked first; then weights stream from the safetensors files straight into
+    parameters allocated on `device`, so no second full copy of the model exists at any time.
     """
     from safetensors import safe_open
 
     ckpt_dir = Path(ckpt_dir)
     args = read_args(ckpt_dir)
-    files = checkpoint_files(ckpt_dir)
     tokenizer = Tokenizer(ckpt_dir, args)
     dtype = resolve_dtype(dtype, args, device)
+    files = check_weights(ckpt_dir, args)
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -525,30 +569,13 @@ def load(ckpt_dir, device="cpu", dtype: str | None = None) -> tuple[Transformer,
     model.inv_freq = precompute_inv_freq(args).to(device)  # buffers are not in the checkpoint
     if args.tie_word_embeddings:  # to_empty breaks the tie; restore it
         model.lm_head.weight = model.model.embed_tokens.weight
-    params = dict(model.named_parameters())  # tied lm_head.weight is not listed separately
-    expected = set(params)
-    seen = set()
+    params = dict(model.named_parameters())
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for name in sf.keys():
-                if name not in params:
-                    # tied checkpoints sometimes still store lm_head.weight; rotary buffers in old files
-                    continue
-                t = sf.get_tensor(name)
-                p = params[name]
-                if tuple(t.shape) != tuple(p.shape):
-                    raise CheckpointError(
-                        f"{f}: tensor {name} has shape {tuple(t.shape)}, config.json implies {tuple(p.shape)}"
-                    )
+            # tied checkpoints may still store lm_head.weight, old files rotary buffers: skipped
+            for name in set(sf.keys()) & set(params):
                 with torch.no_grad():
-                    p.copy_(t)  # into the parameter's own storage, converting dtype on the way
-                seen.add(name)
-    missing = sorted(expected - seen)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{ckpt_dir}: tensor {missing[0]} is missing from the checkpoint{more}")
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+                    params[name].copy_(sf.get_tensor(name))  # into place, converting dtype on the way
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -272,7 +273,10 @@ def write_checkpoint(gguf_path, target, origin, work_dir):
     import gguf
     from safetensors.torch import save_file
 
-    reader = gguf.GGUFReader(gguf_path)
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except (ValueError, KeyError, IndexError, struct.error) as e:  # what the reader raises on a bad file
+        raise ConvertError(f"{gguf_path}: not a readable GGUF file ({e})") from None
     arch = field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ConvertError(f"{gguf_path}: architecture {arch!r} is not supported (llama, qwen2)")
@@ -363,7 +367,10 @@ def main(argv=None):
         convert(name, args.out or here / name, args.gguf)
     except (ConvertError, OSError) as e:
         print(f"convert_gguf: error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except KeyboardInterrupt:
+        print("convert_gguf: interrupted; nothing was written", file=sys.stderr)
+        return 130
     log(f"done in {time.time() - start:.1f} s")
     return 0
 

@@ -1,0 +1,225 @@
+"""Bad input to the three command lines: each case exits with status 2 and one line naming the
+file, record or flag and what is wrong; no traceback, nothing written, the base untouched.
+
+A case is one row of CASES: which script, how to break the inputs, the arguments, and words the
+error line must contain. Adding a case is adding a row.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import edit
+from tiny import make_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = {"edit": ROOT / "edit.py", "evaluate": ROOT / "evaluate.py", "convert": ROOT / "weights" / "convert_gguf.py"}
+EDITS = [{"prompt": f"w{5 + i} w{40 + i} w{77 + i}", "target": f"w{100 + i}", "subject": f"w{40 + i}",
+          "rephrases": [f"w{9 + i} w{77 + i}"], "locality": [[f"w{200 + i} w{201 + i}", f"w{202 + i}"]]}
+         for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny checkpoint, an edit file and a real delta for it (made once, copied per case)."""
+    d = tmp_path_factory.mktemp("base")
+    make_checkpoint(d / "ckpt", "llama")
+    (d / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EDITS))
+    r = subprocess.run([sys.executable, SCRIPTS["edit"], "--ckpt", d / "ckpt", "--edits", d / "edits.jsonl",
+                        "--layer", "1", "--epochs", "1", "--out", d / "run"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def hashes(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# -- how to break things: each takes the case's directory w (ckpt/, edits.jsonl, run/ copied in) --
+
+def truncate(path, keep=0.5):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:int(len(raw) * keep)])
+
+
+def rewrite_header(path, change):
+    """Change the JSON header of a safetensors file in place, keeping it self-consistent in size."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    path.write_bytes(len(hb).to_bytes(8, "little") + hb + raw[8 + n:])
+
+
+def set_config(w, **kw):
+    cfg = json.loads((w / "ckpt" / "config.json").read_text())
+    for k, v in kw.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (w / "ckpt" / "config.json").write_text(json.dumps(cfg))
+
+
+def long_prompt(w, where):
+    records = [dict(r) for r in EDITS]
+    words = " ".join(f"w{3 + i % 300}" for i in range(300))  # 300 tokens; the context is 256
+    if where == "prompt":
+        records[2]["prompt"] = words
+    else:
+        records[2]["locality"] = [[" ".join(words.split()[:240]), "w5"]]  # fits alone, not with 32 new tokens
+    (w / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def other_layer_count_delta(w):
+    """A delta made for a 5-layer model of the same width: its layer-4 tensor is not in ours."""
+    t = load_file(str(w / "run" / "delta.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(w / "run" / "delta.safetensors"), framework="pt") as sf:
+        meta = sf.metadata()
+    name = "model.layers.4.mlp.down_proj.weight"
+    save_file({name: next(iter(t.values()))}, str(w / "run" / "delta.safetensors"),
+              {**meta, f"sha256.{name}": "0" * 64})
+
+
+def gguf_file(w, arch):
+    import gguf
+    import numpy as np
+
+    g = gguf.GGUFWriter(str(w / "model.gguf"), arch=arch)
+    g.add_name("made up")
+    g.add_block_count(1)
+    g.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()
+
+
+E = ["--ckpt", "{w}/ckpt", "--edits", "{w}/edits.jsonl", "--layer", "1", "--epochs", "1", "--out", "{w}/out"]
+V = ["--ckpt", "{w}/ckpt", "--edits", "{w}/edits.jsonl", "--delta", "{w}/run/delta.safetensors", "--out", "{w}/report.json"]
+DOWN = "model.layers.1.mlp.down_proj.weight"
+
+CASES = [
+    # (id, script, break, args, words in the one error line)
+    ("weights-truncated", "edit", lambda w: truncate(w / "ckpt" / "model.safetensors"), E,
+     ["model.safetensors", "not a readable safetensors"]),
+    ("weights-first-bytes-only", "evaluate", lambda w: truncate(w / "ckpt" / "model.safetensors", 0.001), V,
+     ["model.safetensors", "not a readable safetensors"]),
+    ("header-lies-dtype", "edit", lambda w: rewrite_header(w / "ckpt" / "model.safetensors",
+                                                           lambda h: h[DOWN].update(dtype="I32")), E,
+     [DOWN, "I32", "not floating point"]),
+    ("header-lies-shape", "edit", lambda w: rewrite_header(w / "ckpt" / "model.safetensors",
+                                                           lambda h: h[DOWN].update(shape=h[DOWN]["shape"][::-1])), E,
+     [DOWN, "(112, 64)", "config.json implies (64, 112)"]),
+    ("config-missing-field", "edit", lambda w: set_config(w, hidden_size=None), E, ["config.json", "'hidden_size'", "missing"]),
+    ("config-wrong-type", "evaluate", lambda w: set_config(w, num_hidden_layers="3"), V,
+     ["config.json", "'num_hidden_layers'", "whole number", "'3'"]),
+    ("config-not-json", "edit", lambda w: (w / "ckpt" / "config.json").write_text("{oops"), E, ["config.json", "not valid JSON"]),
+    ("tokenizer-missing", "edit", lambda w: (w / "ckpt" / "tokenizer.json").unlink(), E, ["no tokenizer.json"]),
+    ("tokenizer-corrupt", "evaluate", lambda w: (w / "ckpt" / "tokenizer.json").write_text('{"model": 7}'), V,
+     ["tokenizer.json", "cannot be read as a tokenizer"]),
+    ("target-longer-than-context", "edit", lambda w: long_prompt(w, "prompt"), E,
+     ["edits.jsonl", "record 2", "longer than the model's context (256)"]),
+    ("eval-prompt-longer-than-context", "evaluate", lambda w: long_prompt(w, "locality"), V,
+     ["edits.jsonl", "record 2", "32 to generate", "context (256)"]),
+    ("lr-overflows", "edit", None, E + ["--lr", "1e38"], ["--lr", "(0, 1]", "1e+38"]),
+    ("lr-nan", "edit", None, E + ["--lr", "nan"], ["--lr", "nan"]),
+    ("kl-weight-inf", "edit", None, E + ["--general-kl", "inf"], ["--general-kl", "inf"]),
+    ("dtype-unknown", "edit", None, E + ["--dtype", "float8"], ["--dtype", "float8"]),
+    ("not-a-number", "evaluate", None, V + ["--batch-size", "many"], ["evaluate.py: error", "--batch-size", "'many'"]),
+    ("unknown-module", "edit", None, E + ["--module", "ffn"], ["edit.py: error", "--module", "'ffn'"]),
+    ("out-equals-export", "edit", None, E + ["--export", "{w}/out"], ["--out", "--export", "overlap"]),
+    ("out-inside-export", "edit", None, E[:-1] + ["{w}/x/out", "--export", "{w}/x"], ["--out", "--export", "overlap"]),
+    ("export-inside-out", "edit", None, E + ["--export", "{w}/out/x"], ["--out", "--export", "overlap"]),
+    ("edits-utf16", "edit", lambda w: (w / "edits.jsonl").write_text(json.dumps(EDITS[0]), encoding="utf-16"), E,
+     ["edits.jsonl", "not UTF-8"]),
+    ("jsonl-broken-line", "evaluate", lambda w: (w / "edits.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in EDITS[:2]) + "{broken\n" + json.dumps(EDITS[3]) + "\n"), V,
+     ["edits.jsonl", "line 3", "not valid JSON"]),
+    ("delta-truncated", "evaluate", lambda w: truncate(w / "run" / "delta.safetensors"), V,
+     ["delta", "not a readable safetensors"]),
+    ("delta-other-layer-count", "evaluate", other_layer_count_delta, V,
+     ["model.layers.4.mlp.down_proj.weight", "does not exist in this model", "layers 0..2"]),
+    ("gguf-unsupported-architecture", "convert", lambda w: gguf_file(w, "gpt2"),
+     ["mine", "--gguf", "{w}/model.gguf", "--out", "{w}/out"], ["model.gguf", "'gpt2'", "not supported"]),
+    ("gguf-not-a-gguf", "convert", lambda w: (w / "model.gguf").write_bytes(b"not a gguf file at all " * 4),
+     ["mine", "--gguf", "{w}/model.gguf", "--out", "{w}/out"], ["model.gguf", "not a readable GGUF file"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_in_one_line(base, tmp_path, case):
+    _, script, breaks, args, words = case
+    w = tmp_path
+    shutil.copytree(base / "ckpt", w / "ckpt")
+    shutil.copytree(base / "run", w / "run")
+    shutil.copyfile(base / "edits.jsonl", w / "edits.jsonl")
+    if breaks:
+        breaks(w)
+    before = hashes(w)
+    r = subprocess.run([sys.executable, SCRIPTS[script], *[a.format(w=w) for a in args]], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = r.stderr.strip().splitlines()
+    print(f"{case[0]}: {r.stderr.strip()}")  # pytest -s shows what each case printed
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for word in words:
+        assert word.format(w=w) in lines[0], lines[0]
+    assert hashes(w) == before  # nothing written, nothing changed (the base checkpoint included)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(base, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(edit, "free_bytes", lambda device: 10_000)  # 10 KB free
+    monkeypatch.setattr(edit.model_lib, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
+    rc = edit.main([a.format(w=base) for a in E[:-1]] + [str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "needs about" in err and "is free" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_is_printed_before_training(base, tmp_path, capsys):
+    rc = edit.main([a.format(w=base) for a in E[:-1]] + [str(tmp_path / "out")])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert out[0].startswith("memory: model ") and "prefix cache" in out[0] and "trained tensors + Adam" in out[0]
+    assert out[2].startswith("4 training sequences (") and "tokens), batch 1" in out[2]
+
+
+@pytest.mark.parametrize("script", ["edit", "evaluate"])
+def test_ctrl_c_ends_in_one_line_and_leaves_nothing(base, tmp_path, script):
+    """SIGINT once the work has begun: exit 130, one line, no output directory or report, no
+    temporary directory left behind."""
+    many = [{**EDITS[i % 4], "prompt": f"w{5 + i % 200} w{40 + i % 250} w{77 + i % 190}"} for i in range(400)]
+    (tmp_path / "many.jsonl").write_text("".join(json.dumps(r) + "\n" for r in many))
+    work = tmp_path / "work"
+    work.mkdir()
+    if script == "edit":
+        args = ["--ckpt", base / "ckpt", "--edits", tmp_path / "many.jsonl", "--layer", "1", "--epochs", "500",
+                "--batch-size", "1", "--out", work / "out"]
+        started = "epoch 1/"
+    else:
+        args = ["--ckpt", base / "ckpt", "--edits", tmp_path / "many.jsonl", "--delta", base / "run" / "delta.safetensors",
+                "--batch-size", "1", "--out", work / "report.json"]
+        started = "evaluating the base model"
+    p = subprocess.Popen([sys.executable, SCRIPTS[script], *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # the progress line is flushed at once, so it arrives through the pipe while the work goes on
+    for line in p.stdout:
+        if line.startswith(started):
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err and "Traceback" not in err
+    assert list(work.iterdir()) == []
