@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -438,6 +439,7 @@ class PrefixCache:
     @torch.no_grad()
     def __init__(self, model, encoded: list[tuple[list[int], int]], pad_id: int, layer: int, device=None,
                  batch_size: int = 64):
+        t0 = time.time()
         self.encoded, self.pad_id = encoded, pad_id
         self.model_device = model.lm_head.weight.device
         device = torch.device(device) if device else self.model_device
@@ -451,6 +453,7 @@ class PrefixCache:
             b = collate([encoded[i] for i in idx], pad_id).to(self.model_device)
             h = model.hidden_states(b.ids, layer=layer)  # (B, T, D); no mask needed: right padding
             self.h[self.rows_of(idx)] = h[b.attention_mask.bool()].to(device)  # real tokens, row by row
+        self.seconds = time.time() - t0
 
     def rows_of(self, idx: list[int]) -> torch.Tensor:
         """The cache rows of sequences `idx`, one after the other."""

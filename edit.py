@@ -145,8 +145,10 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
     n = len(encoded)
     bs = hp.batch_size or auto_batch_size(n)
     log = {"batch_size": bs, "prefix_seconds": time.time() - t0, "epochs": []}
+    L, N = hp.layer, model.args.n_layers
+    guess = f"; about {fmt_seconds(cache.seconds * 3 * (N - L) / L)} per epoch" if L and reg is None else ""
     say(f"{n} training sequences ({sum(len(ids) for ids, _ in encoded)} tokens), batch {bs} "
-        f"({math.ceil(n / bs)} steps per epoch), up to {hp.epochs} epochs")
+        f"({math.ceil(n / bs)} steps per epoch), up to {hp.epochs} epochs{guess}")
     shuffle = torch.Generator().manual_seed(hp.seed)
     with trainable_copies(model, select_params(model, hp.layer, hp.module)) as params:  # step 3
         opt = make_optimizer(params, hp)
