@@ -8,7 +8,9 @@ would silently drop the EOS from training.
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -428,7 +430,8 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:
 class PrefixCache:
     """The hidden states entering layer `layer` of every token of every sequence in `encoded`,
     packed: (total tokens, D), sequence i in rows offsets[i]:offsets[i + 1]. Memory is tokens x D
-    in the model's dtype, on `device` (default the model's; "cpu" keeps it in host memory).
+    in the model's dtype, on `device` (default the model's; "cpu" keeps it in host memory, "disk"
+    in a memory-mapped temporary file when it fits neither).
 
     Exact, not an approximation: nothing below `layer` changes during training, and with right
     padding and causal attention no real token ever sees a pad. Built in length-sorted batches.
@@ -442,11 +445,19 @@ class PrefixCache:
         t0 = time.time()
         self.encoded, self.pad_id = encoded, pad_id
         self.model_device = model.lm_head.weight.device
-        device = torch.device(device) if device else self.model_device
         lengths = torch.tensor([len(ids) for ids, _ in encoded])
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        self.h = torch.empty(int(self.offsets[-1]), model.args.dim, dtype=model.model.embed_tokens.weight.dtype,
-                             device=device, pin_memory=device.type == "cpu" and self.model_device.type == "cuda")
+        shape, dtype = (int(self.offsets[-1]), model.args.dim), model.model.embed_tokens.weight.dtype
+        if device == "disk":  # memory-mapped from a file in the temp dir ($TMPDIR), unlinked at once
+            fd, path = tempfile.mkstemp(prefix="prefix-cache-")
+            os.close(fd)
+            self.h = torch.from_file(path, shared=True, size=shape[0] * shape[1], dtype=dtype).view(shape)
+            os.unlink(path)  # the mapping stays; the file is gone when the process is, however it ends
+        else:
+            device = torch.device(device) if device else self.model_device
+            self.h = torch.empty(shape, dtype=dtype, device=device,
+                                 pin_memory=device.type == "cpu" and self.model_device.type == "cuda")
+        device = self.h.device
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]

@@ -18,17 +18,20 @@ enter the loss in one line of `batch_loss`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -87,11 +90,15 @@ def auto_batch_size(n: int) -> int:
     return min(100, max(1, math.ceil(n / 10)))
 
 
+def select_params_by_name(params: dict, layer: int, module: str) -> dict:
+    """The entries of {checkpoint name: ...} that `module` names in `layer`."""
+    prefix = f"model.layers.{layer}."
+    return {n: p for n, p in params.items() if n.startswith(prefix) and any(n[len(prefix):].startswith(s) for s in MODULES[module])}
+
+
 def select_params(model, layer: int, module: str) -> dict[str, nn.Parameter]:
     """The checkpoint-named parameters that `module` names in `layer`."""
-    prefix = f"model.layers.{layer}."
-    return {n: p for n, p in model.named_parameters()
-            if n.startswith(prefix) and any(n[len(prefix):].startswith(s) for s in MODULES[module])}
+    return select_params_by_name(dict(model.named_parameters()), layer, module)
 
 
 @contextmanager
@@ -137,9 +144,10 @@ def prepare(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, 
     return encoded, cache, reg
 
 
-def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say):
+def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say, checkpoint=None):
     """Fine-tune `hp.module` of layer `hp.layer` on `edits`, breadth-first. Returns
-    ({name: trained fp32 tensor}, log); the model is left exactly as it was."""
+    ({name: trained fp32 tensor}, log); the model is left exactly as it was. With `checkpoint`
+    (a path), the state after every epoch is saved there, and a run finding one continues it."""
     t0 = time.time()
     encoded, cache, reg = prepare(model, tok, edits, hp, cache_device, say)  # steps 1, 2
     n = len(encoded)
@@ -152,35 +160,42 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
     shuffle = torch.Generator().manual_seed(hp.seed)
     with trainable_copies(model, select_params(model, hp.layer, hp.module)) as params:  # step 3
         opt = make_optimizer(params, hp)
-        for epoch in range(1, hp.epochs + 1):  # step 4
+        first = checkpoint.restore(params, opt, shuffle, log, say) + 1 if checkpoint and checkpoint.path.exists() else 1
+        for epoch in range(first, hp.epochs + 1):  # step 4
             te, total, steps, skipped = time.time(), 0.0, 0, 0
             order = torch.randperm(n, generator=shuffle).tolist()  # the whole set, reshuffled
             for s in range(0, n, bs):
                 idx = order[s:s + bs]  # a mini-batch
-                loss = batch_loss(model, cache, idx, hp, reg)
-                check_finite(loss, f"epoch {epoch}, step {s // bs + 1}", hp)
-                total += loss.item() * len(idx)  # the epoch's mean weighs each batch by its size
-                if loss.item() < STOP_LOSS:  # already learnt: no step
+                loss = batch_loss(model, cache, idx, hp, reg)  # with torchrun: this process's share of it
+                value = all_reduce(loss.detach()).item()  # the mini-batch's loss, the same in every process
+                check_finite(value, f"epoch {epoch}, step {s // bs + 1}", hp)
+                total += value * len(idx)  # the epoch's mean weighs each batch by its size
+                if value < STOP_LOSS:  # already learnt: no step
                     skipped += 1
                     continue
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss.requires_grad:  # a process whose share is empty has no graph
+                    loss.backward()
+                all_reduce_grads(params)  # with torchrun: the sum over processes
                 opt.step()
                 steps += 1
             mean = total / n
             log["epochs"].append({"epoch": epoch, "mean_loss": mean, "steps": steps, "skipped": skipped,
                                   "seconds": time.time() - te, **(reg.epoch_parts() if reg else {})})
-            eta = (time.time() - t0) / epoch * (hp.epochs - epoch)
+            eta = (time.time() - t0) / (epoch - first + 1) * (hp.epochs - epoch)
             say(f"epoch {epoch}/{hp.epochs}: loss {mean:.4f}, steps {steps} (skipped {skipped}), "
                 f"{time.time() - te:.1f}s, eta {fmt_seconds(eta)}")
+            if checkpoint:  # crash-safe: a killed run loses at most the epoch it was in
+                checkpoint.save({"epoch": epoch, "opt": opt.state_dict(), "shuffle": shuffle.get_state()}, params, log)
             if mean < STOP_LOSS:  # early stop: the whole edit set is learnt
                 break
         trained = {name: p.detach().clone() for name, p in params.items()}
+    mean = log["epochs"][-1]["mean_loss"]
     log.update(epochs_run=len(log["epochs"]), final_loss=mean, stopped_early=mean < STOP_LOSS)
     return trained, finish_log(log, edits, encoded, hp, reg, t0)
 
 
-def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say):
+def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say, checkpoint=None):
     """The baseline the paper argues against (EasyEdit's FT-M, edited sequentially): edits one at
     a time, in file order, in one pass; each gets a fresh Adam and at most `hp.max_steps` steps,
     and is left once its loss is below 1e-2. Targets, cache, tensor and loss as in `locft_bf`.
@@ -189,24 +204,28 @@ def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=No
     encoded, cache, reg = prepare(model, tok, edits, hp, cache_device, say)
     per = hp.augment_prefixes + 1  # an edit's sequences: itself, then its prefixed copies
     log = {"batch_size": per, "prefix_seconds": time.time() - t0, "edits": []}
+    every = max(1, len(edits) // 10)
     with trainable_copies(model, select_params(model, hp.layer, hp.module)) as params:
-        for i in range(len(edits)):
+        first = checkpoint.restore(params, None, None, log, say) if checkpoint and checkpoint.path.exists() else 0
+        for i in range(first, len(edits)):
             idx = list(range(i * per, (i + 1) * per))
             opt = make_optimizer(params, hp)  # fresh: no moments or step count from the last edit
             steps = 0
             for steps in range(hp.max_steps + 1):
                 loss = batch_loss(model, cache, idx, hp, reg)
-                check_finite(loss, f"edit {i}, step {steps + 1}", hp)
+                check_finite(loss.item(), f"edit {i}, step {steps + 1}", hp)
                 if loss.item() < STOP_LOSS or steps == hp.max_steps:  # learnt, or out of steps
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             log["edits"].append({"edit": i, "steps": steps, "final_loss": loss.item()})
-            if (i + 1) % max(1, len(edits) // 10) == 0 or i + 1 == len(edits):
+            if (i + 1) % every == 0 or i + 1 == len(edits):
                 el = time.time() - t0
                 say(f"edit {i + 1}/{len(edits)}: loss {loss.item():.4f}, steps {steps}, {el:.1f}s, "
-                    f"eta {fmt_seconds(el / (i + 1) * (len(edits) - i - 1))}")
+                    f"eta {fmt_seconds(el / (i + 1 - first) * (len(edits) - i - 1))}")
+                if checkpoint:
+                    checkpoint.save({"epoch": i + 1}, params, log)  # the number of edits done
         trained = {name: p.detach().clone() for name, p in params.items()}
     final = sum(e["final_loss"] for e in log["edits"]) / len(edits)
     log.update(epochs_run=1, final_loss=final, stopped_early=False)
@@ -215,8 +234,13 @@ def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=No
 
 def batch_loss(model, cache: data.PrefixCache, idx: list[int], hp: Hparams, reg=None) -> torch.Tensor:
     """The objective on training sequences `idx`: layers L.. from the cache, the LM head only at
-    the positions that predict a target token, cross-entropy on those tokens."""
-    h, batch = cache.batch(idx, packed=reg is None)  # FT++ reads right-padded rows
+    the positions that predict a target token, cross-entropy on those tokens. Under torchrun each
+    process computes its share of `idx`, weighted so that the shares add up to the whole."""
+    world, rank = world_and_rank()
+    share = idx[rank::world]
+    if not share:
+        return torch.zeros((), device=cache.model_device)
+    h, batch = cache.batch(share, packed=reg is None)  # FT++ reads right-padded rows
     frozen = model.model.embed_tokens.weight.dtype  # bf16 on a GPU: autocast the trained fp32 copy too
     with torch.autocast(h.device.type, dtype=frozen, enabled=frozen != torch.float32):
         if reg is not None:
@@ -224,14 +248,71 @@ def batch_loss(model, cache: data.PrefixCache, idx: list[int], hp: Hparams, reg=
         logits = model.forward_from(h, hp.layer, positions=batch.positions, segments=batch.segments,
                                     logits_at=batch.predict_mask)  # (N, V), N target tokens
     ce = F.cross_entropy(logits.float(), batch.labels, reduction="none")
-    if hp.loss_avg == "token":
-        return ce.mean()
-    return batch.per_sample_mean(ce)[0].mean()  # the authors': per edit, then over the batch
+    if hp.loss_avg == "token":  # LlamaFactory's: the mean over every target token of the mini-batch
+        return ce.sum() / sum(len(cache.encoded[i][0]) - cache.encoded[i][1] for i in idx)
+    return batch.per_sample_mean(ce)[0].sum() / len(idx)  # the authors': per edit, then over the batch
 
 
-def check_finite(loss: torch.Tensor, where: str, hp: Hparams):
-    if not torch.isfinite(loss):
-        raise EditError(f"loss is {loss.item()} at {where}; training diverged, try a lower --lr (now {hp.lr:g})")
+# ----------------------------------------------------------------------------------------------
+# Many processes (torchrun) and crash safety
+
+
+def world_and_rank() -> tuple[int, int]:
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """The sum over processes under torchrun; `t` itself otherwise."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_grads(params: dict[str, nn.Parameter]):
+    for p in params.values():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_reduce(p.grad)
+
+
+@dataclass
+class Checkpoint:
+    """Where a run keeps its state after every epoch, and what a run resuming it must share with
+    it (the hyper-parameters, the edits, the base tensors)."""
+    path: Path
+    fingerprint: dict
+
+    def save(self, state: dict, params: dict[str, nn.Parameter], log: dict):
+        """Write atomically: a temporary file renamed over the last checkpoint."""
+        if world_and_rank()[1] != 0:
+            return
+        state = {**state, "params": {n: p.detach().cpu() for n, p in params.items()}, "log": log,
+                 "fingerprint": self.fingerprint}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)  # Ctrl-C mid-write: the last whole checkpoint stays
+
+    def restore(self, params, opt, shuffle, log: dict, say) -> int:
+        """Put the saved state back; returns the epochs (or edits) it had done."""
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["params"][n])
+        if opt is not None:
+            opt.load_state_dict(state["opt"])
+            shuffle.set_state(state["shuffle"])
+        log.update(state["log"])
+        say(f"resuming from {self.path} after {'epoch' if opt is not None else 'edit'} {state['epoch']}")
+        stopped = log.get("epochs") and log["epochs"][-1]["mean_loss"] < STOP_LOSS
+        return 10**9 if stopped else state["epoch"]  # a run that had stopped early trains no more
+
+
+def check_finite(loss: float, where: str, hp: Hparams):
+    if not math.isfinite(loss):
+        raise EditError(f"loss is {loss} at {where}; training diverged, try a lower --lr (now {hp.lr:g})")
 
 
 def fmt_seconds(s: float) -> str:
@@ -246,10 +327,10 @@ def finish_log(log: dict, edits, encoded, hp: Hparams, reg, t0: float) -> dict:
     return log
 
 
-def edit(model, tok, edits, hp: Hparams, cache_device=None, say=say):
+def edit(model, tok, edits, hp: Hparams, cache_device=None, say=say, checkpoint=None):
     """LocFT-BF or the depth-first baseline, as `hp.pipeline` says."""
     train = depth_first if hp.pipeline == "df" else locft_bf
-    return train(model, tok, edits, hp, cache_device, say)
+    return train(model, tok, edits, hp, cache_device, say, checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +366,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default out/<ckpt>-<edits>-<time>/)")
     p.add_argument("--export", default=None, help="also write a whole edited checkpoint directory here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --export")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose state --out's sibling OUT.partial holds (same flags and edits)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="frozen model dtype: float32 (default on CPU), bfloat16, "
                                                  "auto (the checkpoint's; default on CUDA)")
@@ -331,6 +414,11 @@ def check_args(args) -> None:
         raise EditError(f"--lr must be in (0, 1], got {args.lr}")
     if not 0 <= args.augment_prefixes <= len(data.PREFIXES):
         raise EditError(f"--augment-prefixes must be between 0 and {len(data.PREFIXES)}, got {args.augment_prefixes}")
+    if args.cache_device not in (None, "disk"):
+        try:
+            torch.device(args.cache_device)
+        except RuntimeError:
+            raise EditError(f"--cache-device {args.cache_device!r} is not a device (cpu, cuda, cuda:1, disk)") from None
     if not 0 <= args.smooth_alpha <= 1:
         raise EditError(f"--smooth-alpha must be in [0, 1], got {args.smooth_alpha}")
     for flag, v in (("--general-kl", args.general_kl), ("--local-kl", args.local_kl), ("--weight-decay", args.weight_decay)):
@@ -345,7 +433,8 @@ def check_args(args) -> None:
 
 
 def check_paths(args, ckpt: Path, out: Path):
-    """Refuse outputs that would overwrite, sit in, or contain the base checkpoint or each other."""
+    """Refuse outputs that would overwrite, sit in, or contain the base checkpoint or each other,
+    and an unfinished run that is neither resumed nor overwritten."""
     c = ckpt.resolve()
     export = Path(args.export) if args.export else None
     for flag, p in (("--out", out), ("--export", export)):
@@ -360,6 +449,28 @@ def check_paths(args, ckpt: Path, out: Path):
         o, x = out.resolve(), export.resolve()
         if o == x or o in x.parents or x in o.parents:
             raise EditError(f"--out {out} and --export {export} overlap; give them separate directories")
+    partial = partial_dir(out)
+    if args.resume and not (partial / "checkpoint.pt").is_file():
+        raise EditError(f"--resume: nothing to resume, {partial / 'checkpoint.pt'} does not exist" +
+                        ("" if args.out else " (give the --out of the run to continue)"))
+    if partial.exists() and not args.resume and not args.overwrite:
+        raise EditError(f"{partial} holds an unfinished run: --resume continues it, --overwrite starts over")
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")  # the state of a run in progress, for --resume
+
+
+def check_resume(path: Path, fingerprint: dict):
+    """Refuse to continue a run made with other flags, other edits or another base."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)["fingerprint"]
+    for key in fingerprint:
+        a, b = saved.get(key), fingerprint[key]
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                k = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+                raise EditError(f"--resume: the run in {path.parent} used {key} {k}={a.get(k)!r}, this one {b.get(k)!r}")
+            raise EditError(f"--resume: the run in {path.parent} was made with other {key}")
 
 
 def atomic_dir(final: Path, write, overwrite: bool):
@@ -389,22 +500,25 @@ def memory_plan(margs, lengths: list[int], hp: Hparams, dtype: torch.dtype, devi
     and Adam's two moments (fp32), and a rough bound on one step's activations."""
     shapes = model_lib.parameter_shapes(margs)
     size = torch.finfo(dtype).bits // 8
-    trained = sum(math.prod(s) for n, s in shapes.items() if n.startswith(f"model.layers.{hp.layer}.")
-                  and any(n[len(f"model.layers.{hp.layer}."):].startswith(p) for p in MODULES[hp.module]))
+    trained = sum(math.prod(s) for s in select_params_by_name(shapes, hp.layer, hp.module).values())
     bs = hp.batch_size or auto_batch_size(len(lengths))
     step_tokens = sum(sorted(lengths)[-bs:])  # the longest mini-batch there can be
     per_token = (margs.n_layers - hp.layer) * (8 * margs.dim + 4 * margs.intermediate_size) * 4  # saved for backward
     plan = {"model": sum(math.prod(s) for s in shapes.values()) * size, "prefix_cache": sum(lengths) * margs.dim * size,
             "trained_and_adam": trained * 4 * 4, "activations": step_tokens * per_token + step_tokens * margs.vocab_size * 8}
-    on_cache = torch.device(cache_device or device)
+    cache_on = "disk" if cache_device == "disk" else torch.device(cache_device or device)
     plan["device_total"] = plan["model"] + plan["trained_and_adam"] + plan["activations"] + \
-        (plan["prefix_cache"] if on_cache == torch.device(device) else 0)
-    plan["host_total"] = plan["prefix_cache"] if on_cache.type == "cpu" and torch.device(device).type != "cpu" else 0
+        (plan["prefix_cache"] if cache_on == torch.device(device) else 0)
+    plan["host_total"] = plan["prefix_cache"] if cache_on != "disk" and cache_on.type == "cpu" != torch.device(device).type else 0
+    plan["disk_total"] = plan["prefix_cache"] if cache_on == "disk" else 0
     return plan
 
 
 def free_bytes(device: str) -> int | None:
-    """Memory free on `device` (None when unknown): the GPU's, or the host's available memory."""
+    """Memory free on `device` (None when unknown): the GPU's, the host's available memory, or
+    for "disk" the free space of the temporary directory."""
+    if device == "disk":
+        return shutil.disk_usage(tempfile.gettempdir()).free
     if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
@@ -413,21 +527,30 @@ def free_bytes(device: str) -> int | None:
         return None
 
 
-def check_memory(plan: dict, device: str):
+def check_memory(plan: dict, device: str, say=say):
     gb = lambda b: f"{b / 2**30:.2f} GB"  # noqa: E731
-    print(f"memory: model {gb(plan['model'])}, prefix cache {gb(plan['prefix_cache'])}, trained tensors + Adam "
-          f"{gb(plan['trained_and_adam'])}, activations up to ~{gb(plan['activations'])}", flush=True)
-    for where, need in ((device, plan["device_total"]), ("cpu", plan["host_total"])):
+    say(f"memory: model {gb(plan['model'])}, prefix cache {gb(plan['prefix_cache'])}, trained tensors + Adam "
+          f"{gb(plan['trained_and_adam'])}, activations up to ~{gb(plan['activations'])}")
+    for where, need in ((device, plan["device_total"]), ("cpu", plan["host_total"]), ("disk", plan["disk_total"])):
         free = free_bytes(where) if need else None
         if free is not None and need > free:
             raise EditError(f"this run needs about {gb(need)} on {where} but {gb(free)} is free; try fewer edits "
                             f"(--n), a smaller --batch-size, or --cache-device cpu")
 
 
-def run(args) -> Path:
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says what is left."""
+
+
+def run(args) -> Path | None:
     # everything that can be known from the arguments, the config, the tokenizer, the edit file
     # and the safetensors headers is checked before the weights are read
     check_args(args)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1 and device == "cuda":  # torchrun: one process per GPU (or several on a CPU)
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    talk = say if rank == 0 else (lambda line: None)  # under torchrun, process 0 alone prints and writes
     ckpt = Path(args.ckpt)
     margs = model_lib.read_args(ckpt)
     layer = resolve_layer(args.layer, margs.n_layers)
@@ -441,16 +564,48 @@ def run(args) -> Path:
     hp = Hparams(**{f.name: getattr(args, f.name) for f in fields(Hparams) if f.name != "seed"},
                  seed=Hparams.seed if args.seed is None else args.seed)
     hp = replace(hp, layer=layer)
+    n_seqs = len(edits) * (hp.augment_prefixes + 1)
+    if world > 1:
+        if hp.pipeline == "df" or ftpp.active(hp):
+            raise EditError("torchrun runs LocFT-BF without FT++ only (--pipeline df and the FT++ options run in one process)")
+        if world > (hp.batch_size or auto_batch_size(n_seqs)):
+            raise EditError(f"torchrun's {world} processes exceed the batch of {hp.batch_size or auto_batch_size(n_seqs)}: "
+                            "every process needs a share of each mini-batch")
     model_lib.check_weights(ckpt, margs)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = model_lib.resolve_dtype(args.dtype, margs, device)
+    names = list(select_params_by_name(model_lib.parameter_shapes(margs), layer, hp.module))
+    originals = delta.stored_tensors(ckpt, names)
+    fingerprint = {"hparams": asdict(hp), "edits": hashlib.sha256(json.dumps([e.to_json() for e in edits]).encode()).hexdigest(),
+                   "base": {n: delta.sha256(t) for n, t in originals.items()}}
+    partial = partial_dir(out)
+    if args.resume:
+        check_resume(partial / "checkpoint.pt", fingerprint)
     lengths = [len(data.encode_edit(tok, e.prompt, e.target)[0]) + prefix for e in edits for _ in range(hp.augment_prefixes + 1)]
-    check_memory(memory_plan(margs, lengths, hp, dtype, device, args.cache_device), device)
+    check_memory(memory_plan(margs, lengths, hp, dtype, device, args.cache_device), device, talk)
 
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.barrier()  # every process has checked the paths before process 0 creates one
+    if rank == 0:
+        if partial.exists() and not args.resume:  # --overwrite: start over
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
     model, tok = model_lib.load(ckpt, device=device, dtype=args.dtype)
-    names = list(select_params(model, layer, hp.module))
-    print(f"editing {len(edits)} edits into {', '.join(names)} ({hp.pipeline}, lr {hp.lr:g})", flush=True)
-    trained, log = edit(model, tok, edits, hp, args.cache_device)
+    talk(f"editing {len(edits)} edits into {', '.join(names)} ({hp.pipeline}, lr {hp.lr:g}"
+         + (f", {world} processes" if world > 1 else "") + ")")
+    checkpoint = Checkpoint(partial / "checkpoint.pt", fingerprint)
+    try:
+        trained, log = edit(model, tok, edits, hp, args.cache_device, talk, checkpoint)
+    except KeyboardInterrupt:
+        if checkpoint.path.exists():
+            raise Interrupted(f"interrupted; --resume continues from the state in {partial}") from None
+        shutil.rmtree(partial, ignore_errors=True)
+        raise Interrupted("interrupted; no half-written output is left") from None
+    except EditError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if rank != 0:
+        return None
 
     meta = {"format": "pt", "layer": str(layer), "module": hp.module, "n_edits": str(len(edits)),
             "seed": str(hp.seed), "hparams": json.dumps(log["hparams"]), "base_ckpt": str(ckpt.resolve()),
@@ -463,10 +618,11 @@ def run(args) -> Path:
         (d / "train_log.json").write_text(json.dumps(log, indent=1))
 
     atomic_dir(out, write_out, args.overwrite)
+    shutil.rmtree(partial)
     if args.export:
         atomic_dir(Path(args.export), lambda d: delta.export(ckpt, d, trained), args.overwrite)
-    print(f"done: {len(edits)} edits, {log['epochs_run']} epochs, final loss {log['final_loss']:.4f}, "
-          f"{log['seconds']:.1f}s -> {out}" + (f" (export: {args.export})" if args.export else ""), flush=True)
+    say(f"done: {len(edits)} edits, {log['epochs_run']} epochs, final loss {log['final_loss']:.4f}, "
+        f"{log['seconds']:.1f}s -> {out}" + (f" (export: {args.export})" if args.export else ""))
     if args.eval:  # the model holds the base weights: evaluate it, then the trained tensors
         report = evaluate.before_after(model, tok, edits, None, trained)
         evaluate.print_report(report)
@@ -476,14 +632,20 @@ def run(args) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone speaks
     try:
         run(args)
     except (EditError, data.EditFileError, model_lib.CheckpointError, delta.DeltaError) as e:
-        print(f"edit.py: error: {e}", file=sys.stderr, flush=True)
+        if first:
+            print(f"edit.py: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:  # output directories are built under a temporary name: none is left
-        print("edit.py: interrupted; no half-written output is left", file=sys.stderr, flush=True)
+    except (Interrupted, KeyboardInterrupt) as e:  # outputs are built under a temporary name: none is half-written
+        if first:
+            print(f"edit.py: {e or 'interrupted; no half-written output is left'}", file=sys.stderr, flush=True)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -139,6 +139,8 @@ CASES = [
     ("dtype-unknown", "edit", None, E + ["--dtype", "float8"], ["--dtype", "float8"]),
     ("not-a-number", "evaluate", None, V + ["--batch-size", "many"], ["evaluate.py: error", "--batch-size", "'many'"]),
     ("unknown-module", "edit", None, E + ["--module", "ffn"], ["edit.py: error", "--module", "'ffn'"]),
+    ("cache-device-unknown", "edit", None, E + ["--cache-device", "floppy"], ["--cache-device", "'floppy'"]),
+    ("resume-nothing", "edit", None, E + ["--resume"], ["--resume", "nothing to resume", "out.partial"]),
     ("out-equals-export", "edit", None, E + ["--export", "{w}/out"], ["--out", "--export", "overlap"]),
     ("out-inside-export", "edit", None, E[:-1] + ["{w}/x/out", "--export", "{w}/x"], ["--out", "--export", "overlap"]),
     ("export-inside-out", "edit", None, E + ["--export", "{w}/out/x"], ["--out", "--export", "overlap"]),
@@ -196,30 +198,58 @@ def test_the_plan_is_printed_before_training(base, tmp_path, capsys):
     assert out[2].startswith("4 training sequences (") and "tokens), batch 1" in out[2]
 
 
-@pytest.mark.parametrize("script", ["edit", "evaluate"])
-def test_ctrl_c_ends_in_one_line_and_leaves_nothing(base, tmp_path, script):
-    """SIGINT once the work has begun: exit 130, one line, no output directory or report, no
-    temporary directory left behind."""
-    many = [{**EDITS[i % 4], "prompt": f"w{5 + i % 200} w{40 + i % 250} w{77 + i % 190}"} for i in range(400)]
-    (tmp_path / "many.jsonl").write_text("".join(json.dumps(r) + "\n" for r in many))
-    work = tmp_path / "work"
-    work.mkdir()
-    if script == "edit":
-        args = ["--ckpt", base / "ckpt", "--edits", tmp_path / "many.jsonl", "--layer", "1", "--epochs", "500",
-                "--batch-size", "1", "--out", work / "out"]
-        started = "epoch 1/"
-    else:
-        args = ["--ckpt", base / "ckpt", "--edits", tmp_path / "many.jsonl", "--delta", base / "run" / "delta.safetensors",
-                "--batch-size", "1", "--out", work / "report.json"]
-        started = "evaluating the base model"
+def interrupt(script, args, started, tmp_path):
+    """Start `script`, send SIGINT once a line starting with `started` is out; (rc, stderr)."""
     p = subprocess.Popen([sys.executable, SCRIPTS[script], *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    # the progress line is flushed at once, so it arrives through the pipe while the work goes on
+    # progress lines are flushed at once, so they arrive through the pipe while the work goes on
     for line in p.stdout:
         if line.startswith(started):
             break
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
-    assert len(err.strip().splitlines()) == 1 and "interrupted" in err and "Traceback" not in err
-    assert list(work.iterdir()) == []
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err and "Traceback" not in err, err
+    return p.returncode, err
+
+
+@pytest.fixture(scope="module")
+def many(base, tmp_path_factory):
+    """400 edits: an epoch at batch 1, or an evaluation at batch 1, takes a few seconds."""
+    path = tmp_path_factory.mktemp("many") / "many.jsonl"
+    rows = [{**EDITS[i % 4], "prompt": f"w{5 + i % 200} w{40 + i % 250} w{77 + i % 190}"} for i in range(400)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_ctrl_c_before_the_first_epoch_ends_leaves_nothing(base, many, tmp_path):
+    args = ["--ckpt", base / "ckpt", "--edits", many, "--layer", "1", "--epochs", "500", "--batch-size", "1",
+            "--out", tmp_path / "out"]
+    rc, err = interrupt("edit", args, "400 training sequences", tmp_path)
+    assert rc == 130 and "no half-written output" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_after_an_epoch_keeps_only_the_whole_checkpoint(base, many, tmp_path):
+    args = ["--ckpt", base / "ckpt", "--edits", many, "--layer", "1", "--epochs", "500", "--batch-size", "1",
+            "--out", tmp_path / "out"]
+    rc, err = interrupt("edit", args, "epoch 2/", tmp_path)
+    assert rc == 130 and "--resume" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["out.partial"]
+    assert [p.name for p in (tmp_path / "out.partial").iterdir()] == ["checkpoint.pt"]
+
+
+def test_ctrl_c_during_evaluation_writes_no_report(base, many, tmp_path):
+    args = ["--ckpt", base / "ckpt", "--edits", many, "--delta", base / "run" / "delta.safetensors",
+            "--batch-size", "1", "--out", tmp_path / "report.json"]
+    rc, err = interrupt("evaluate", args, "evaluating the base model", tmp_path)
+    assert rc == 130 and list(tmp_path.iterdir()) == []
+
+
+def test_more_processes_than_the_batch_is_refused(base, tmp_path, capsys, monkeypatch):
+    """Checked from torchrun's environment before any process group is formed."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    rc = edit.main([a.format(w=base) for a in E[:-1]] + [str(tmp_path / "out"), "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "4 processes exceed the batch of 2" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
