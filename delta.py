@@ -6,7 +6,9 @@
 
 `apply` refuses a delta made for another base (or an already edited model) by hashing the
 model's tensor in the checkpoint's dtype; it returns the replaced values, so
-`model.load_tensors(originals)` restores the base bit for bit. `export` writes a whole
+`model.load_tensors(originals)` restores the base bit for bit. A delta trained on top of an
+earlier one (`edit.py --base-delta`) also holds that parent's tensors, so it too applies to the
+original base; its metadata names the parent. `export` writes a whole
 checkpoint directory in the checkpoint's own dtype, which transformers or vLLM load as usual.
 """
 from __future__ import annotations
@@ -73,18 +75,23 @@ def check(path, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
     return meta
 
 
+def tensors(path) -> dict[str, torch.Tensor]:
+    """The delta's tensors, as stored (fp32); check the file first."""
+    with safe_open(str(path), framework="pt", device="cpu") as sf:
+        return {n: sf.get_tensor(n) for n in sf.keys()}
+
+
 def apply(model, path) -> dict[str, torch.Tensor]:
     """Put the delta's tensors into `model`; returns the values they replaced."""
     params = dict(model.named_parameters())
     meta = check(path, {n: tuple(p.shape) for n, p in params.items()})
-    with safe_open(str(path), framework="pt", device="cpu") as sf:
-        tensors = {n: sf.get_tensor(n) for n in sf.keys()}
-    for name, t in tensors.items():
+    new = tensors(path)
+    for name, t in new.items():
         stored_dtype = getattr(torch, meta.get(f"dtype.{name}", str(t.dtype).removeprefix("torch.")))
         if sha256(params[name].detach().to(stored_dtype)) != meta[f"sha256.{name}"]:
             raise DeltaError(f"delta {path}: tensor {name} differs from the base it was made for "
                              f"(another checkpoint, an already edited model, or a lossy --dtype)")
-    return model.load_tensors(tensors, keep_originals=True)
+    return model.load_tensors(new, keep_originals=True)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")

@@ -366,6 +366,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default out/<ckpt>-<edits>-<time>/)")
     p.add_argument("--export", default=None, help="also write a whole edited checkpoint directory here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --export")
+    g0 = p.add_mutually_exclusive_group()
+    g0.add_argument("--base-delta", default=None, metavar="DELTA",
+                    help="lifelong editing: start from an earlier delta; the new one holds it too and names it")
+    g0.add_argument("--cumulative", nargs="+", default=None, metavar="RUN",
+                    help="lifelong editing: re-fit the edits.jsonl of these earlier runs with the new edits, from the base")
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose state --out's sibling OUT.partial holds (same flags and edits)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -556,6 +561,10 @@ def run(args) -> Path | None:
     layer = resolve_layer(args.layer, margs.n_layers)
     tok = model_lib.Tokenizer(ckpt, margs)
     edits = data.load_edits(args.edits, n=args.n, seed=args.seed)
+    for run_dir in args.cumulative or []:  # the earlier runs' edits first, as they were taught
+        if not (Path(run_dir) / "edits.jsonl").is_file():
+            raise EditError(f"--cumulative {run_dir}: no edits.jsonl there (not an edit.py output directory)")
+        edits = data.load_edits(Path(run_dir) / "edits.jsonl") + edits
     prefix = max(len(tok.encode(p, add_special_tokens=False)) for p in data.PREFIXES) + 1 if args.augment_prefixes else 0
     data.check_context(tok, edits, args.edits, margs.max_position_embeddings, 32 if args.eval else 0, prefix)
     out = Path(args.out) if args.out else \
@@ -574,9 +583,11 @@ def run(args) -> Path | None:
     model_lib.check_weights(ckpt, margs)
     dtype = model_lib.resolve_dtype(args.dtype, margs, device)
     names = list(select_params_by_name(model_lib.parameter_shapes(margs), layer, hp.module))
+    parent = delta.check(args.base_delta, model_lib.parameter_shapes(margs)) if args.base_delta else None
     originals = delta.stored_tensors(ckpt, names)
     fingerprint = {"hparams": asdict(hp), "edits": hashlib.sha256(json.dumps([e.to_json() for e in edits]).encode()).hexdigest(),
-                   "base": {n: delta.sha256(t) for n, t in originals.items()}}
+                   "base": {n: delta.sha256(t) for n, t in originals.items()},
+                   "base_delta": hashlib.sha256(Path(args.base_delta).read_bytes()).hexdigest() if parent is not None else None}
     partial = partial_dir(out)
     if args.resume:
         check_resume(partial / "checkpoint.pt", fingerprint)
@@ -591,6 +602,10 @@ def run(args) -> Path | None:
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
     model, tok = model_lib.load(ckpt, device=device, dtype=args.dtype)
+    earlier = {}
+    if parent is not None:  # lifelong: this run starts where the earlier delta left the model
+        delta.apply(model, args.base_delta)
+        earlier = delta.tensors(args.base_delta)
     talk(f"editing {len(edits)} edits into {', '.join(names)} ({hp.pipeline}, lr {hp.lr:g}"
          + (f", {world} processes" if world > 1 else "") + ")")
     checkpoint = Checkpoint(partial / "checkpoint.pt", fingerprint)
@@ -610,9 +625,14 @@ def run(args) -> Path | None:
     meta = {"format": "pt", "layer": str(layer), "module": hp.module, "n_edits": str(len(edits)),
             "seed": str(hp.seed), "hparams": json.dumps(log["hparams"]), "base_ckpt": str(ckpt.resolve()),
             "torch_version": torch.__version__, "locft_version": __version__}
+    if parent is not None:
+        meta.update(parent=str(Path(args.base_delta).resolve()), parent_sha256=fingerprint["base_delta"],
+                    parent_n_edits=parent.get("n_edits", "?"))
+    if args.cumulative:
+        meta["cumulative_of"] = json.dumps([str(Path(r).resolve()) for r in args.cumulative])
 
     def write_out(d: Path):
-        delta.save(d / "delta.safetensors", ckpt, trained, meta)
+        delta.save(d / "delta.safetensors", ckpt, {**earlier, **trained}, meta)  # applies to the original base
         with open(d / "edits.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in edits)
         (d / "train_log.json").write_text(json.dumps(log, indent=1))
@@ -620,10 +640,10 @@ def run(args) -> Path | None:
     atomic_dir(out, write_out, args.overwrite)
     shutil.rmtree(partial)
     if args.export:
-        atomic_dir(Path(args.export), lambda d: delta.export(ckpt, d, trained), args.overwrite)
+        atomic_dir(Path(args.export), lambda d: delta.export(ckpt, d, {**earlier, **trained}), args.overwrite)
     say(f"done: {len(edits)} edits, {log['epochs_run']} epochs, final loss {log['final_loss']:.4f}, "
         f"{log['seconds']:.1f}s -> {out}" + (f" (export: {args.export})" if args.export else ""))
-    if args.eval:  # the model holds the base weights: evaluate it, then the trained tensors
+    if args.eval:  # the model holds the weights before this run: evaluate them, then the trained tensors
         report = evaluate.before_after(model, tok, edits, None, trained)
         evaluate.print_report(report)
         evaluate.write_report(report, out / "eval.json")

@@ -113,3 +113,32 @@ def test_prefix_cache_on_disk_equals_in_memory_and_the_plan_is_exact(ckpt):
     assert plan["model"] == sum(p.nbytes for p in m.parameters())
     assert plan["trained_and_adam"] == 4 * m.get_parameter("model.layers.2.mlp.down_proj.weight").nbytes
     assert edit.memory_plan(m.args, [10] * 5, hp, torch.float32, "cpu", "disk")["disk_total"] == 50 * m.args.dim * 4
+
+
+def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path):
+    first = write_edits(tmp_path / "a.jsonl", random_edits(6, seed=11))
+    second = write_edits(tmp_path / "b.jsonl", random_edits(5, seed=12))
+    common = ["--ckpt", ckpt, "--layer", "2", "--epochs", "2"]
+    assert run_cli(*common, "--edits", first, "--out", tmp_path / "one").returncode == 0
+    d1 = tmp_path / "one" / "delta.safetensors"
+    # on top: train up_proj after the first run's down_proj; the new delta holds both
+    r = run_cli(*common, "--edits", second, "--module", "up_proj", "--base-delta", d1, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "two" / "delta.safetensors"), framework="pt") as sf:
+        meta, names = sf.metadata(), sorted(sf.keys())
+    assert names == ["model.layers.2.mlp.down_proj.weight", "model.layers.2.mlp.up_proj.weight"]
+    assert meta["parent"] == str(d1.resolve()) and meta["parent_n_edits"] == "6"
+    import delta
+
+    m, _ = model_lib.load(ckpt)
+    delta.apply(m, tmp_path / "two" / "delta.safetensors")  # applies to the original base, on its own
+    assert torch.equal(m.get_parameter("model.layers.2.mlp.down_proj.weight"),
+                       load_file(str(d1))["model.layers.2.mlp.down_proj.weight"])
+    # cumulative: the first run's edits and the new ones, re-fitted from the base
+    r = run_cli(*common, "--edits", second, "--cumulative", tmp_path / "one", "--out", tmp_path / "all")
+    assert r.returncode == 0, r.stderr
+    assert "editing 11 edits" in r.stdout
+    taught = data.load_edits(tmp_path / "all" / "edits.jsonl")
+    assert [e.prompt for e in taught] == [e.prompt for e in data.load_edits(first) + data.load_edits(second)]
