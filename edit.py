@@ -7,7 +7,8 @@ The method ("Fine-tuning Done Right in Model Editing"), in the order `locft_bf` 
 2. nothing below the edited layer L trains, so layers 0..L-1 run once over every sequence and
    each step starts from their output (exact, and the main reason this is fast);
 3. localized tuning: an fp32 copy of one tensor, `model.layers.{L}.mlp.down_proj.weight` by
-   default, is the only thing that trains, with Adam;
+   default (`mlp.shared_expert.down_proj.weight` on a Qwen2-MoE sparse layer), is the only thing
+   that trains, with Adam;
 4. breadth-first: every epoch shuffles the whole edit set and walks it in mini-batches; a step
    is skipped when its batch loss is already below 1e-2, and training stops once an epoch's
    mean loss is below 1e-2.
@@ -51,7 +52,15 @@ MODULES = {
     "mlp": ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"],
     "attn": ["self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj."],
     "layer": [""],
+    # Qwen2-MoE's sparse layers: the shared expert every token goes through (the routed experts
+    # and the router train only with "layer")
+    "shared_expert.down_proj": ["mlp.shared_expert.down_proj.weight"],
+    "shared_expert.up_proj": ["mlp.shared_expert.up_proj.weight"],
+    "shared_expert.gate_proj": ["mlp.shared_expert.gate_proj.weight"],
+    "shared_expert": ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight",
+                      "mlp.shared_expert.down_proj.weight"],
 }
+MOE_MODULE = "shared_expert.down_proj"  # the default on a sparse layer: the paper's Appendix A.2
 STOP_LOSS = 1e-2  # skip a step below this batch loss; stop when an epoch's mean is below it
 
 
@@ -90,10 +99,15 @@ def auto_batch_size(n: int) -> int:
     return min(100, max(1, math.ceil(n / 10)))
 
 
+def in_module(name: str, module: str) -> bool:
+    """Whether a tensor of a layer (its name after `model.layers.{L}.`) belongs to `module`."""
+    return any(name.startswith(s) for s in MODULES[module])
+
+
 def select_params_by_name(params: dict, layer: int, module: str) -> dict:
     """The entries of {checkpoint name: ...} that `module` names in `layer`."""
     prefix = f"model.layers.{layer}."
-    return {n: p for n, p in params.items() if n.startswith(prefix) and any(n[len(prefix):].startswith(s) for s in MODULES[module])}
+    return {n: p for n, p in params.items() if n.startswith(prefix) and in_module(n[len(prefix):], module)}
 
 
 def select_params(model, layer: int, module: str) -> dict[str, nn.Parameter]:
@@ -346,7 +360,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="layer to edit: an index (22), a negative index (-8), or a relative depth in (0,1), "
                         "the paper's proportional position, mapped to layer round(p*N)-1 (0.25 of 28 layers "
                         f"-> 6, of 80 -> 19). Default {H.layer} (later layers)")
-    p.add_argument("--module", choices=list(MODULES), default=H.module, help="tensors to train in that layer")
+    p.add_argument("--module", choices=list(MODULES), default=None,
+                   help=f"tensors to train in that layer (default {H.module}; on a Qwen2-MoE sparse layer "
+                        f"{MOE_MODULE})")
     p.add_argument("--lr", type=float, default=H.lr, help=f"learning rate (default {H.lr:g})")
     p.add_argument("--batch-size", type=int, default=H.batch_size,
                    help="mini-batch size (default min(100, ceil(n/10)): at least ~10 steps per epoch)")
@@ -407,6 +423,19 @@ def resolve_layer(spec, n_layers: int) -> int:
         raise EditError(f"--layer {spec} is out of range: {valid}")
     # Qwen2.5-7B layer 6 is the 7th of 28 (p = 0.25); the same depth of 80 layers is the 20th, layer 19
     return min(n_layers - 1, max(0, math.floor(p * n_layers + 0.5) - 1))
+
+
+def resolve_module(module: str | None, margs: model_lib.ModelArgs, layer: int) -> str:
+    """--module checked against the tensors layer `layer` has; unset, Hparams.module, or on a
+    sparse MoE layer (which has no mlp.down_proj) the shared expert's down_proj."""
+    with torch.device("meta"):  # the layer's tensor names, without allocating or reading a weight
+        names = [n for n, _ in model_lib.DecoderLayer(margs, layer).named_parameters()]
+    if module is None:
+        module = MOE_MODULE if layer in margs.moe_layers else Hparams.module
+    has = [m for m in MODULES if any(in_module(n, m) for n in names)]
+    if module not in has:
+        raise EditError(f"--module {module}: layer {layer} has no such tensors; its modules are {', '.join(has)}")
+    return module
 
 
 def check_args(args) -> None:
@@ -559,6 +588,7 @@ def run(args) -> Path | None:
     ckpt = Path(args.ckpt)
     margs = model_lib.read_args(ckpt)
     layer = resolve_layer(args.layer, margs.n_layers)
+    module = resolve_module(args.module, margs, layer)
     tok = model_lib.Tokenizer(ckpt, margs)
     edits = data.load_edits(args.edits, n=args.n, seed=args.seed)
     for run_dir in args.cumulative or []:  # the earlier runs' edits first, as they were taught
@@ -572,7 +602,7 @@ def run(args) -> Path | None:
     check_paths(args, ckpt, out)
     hp = Hparams(**{f.name: getattr(args, f.name) for f in fields(Hparams) if f.name != "seed"},
                  seed=Hparams.seed if args.seed is None else args.seed)
-    hp = replace(hp, layer=layer)
+    hp = replace(hp, layer=layer, module=module)
     n_seqs = len(edits) * (hp.augment_prefixes + 1)
     if world > 1:
         if hp.pipeline == "df" or ftpp.active(hp):

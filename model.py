@@ -1,4 +1,5 @@
-"""A pure-PyTorch Llama / Qwen2 / Mistral decoder that loads Hugging Face checkpoints.
+"""A pure-PyTorch Llama / Qwen2 / Qwen3 / Qwen2-MoE / Mistral decoder that loads Hugging Face
+checkpoints.
 
 Module and parameter names are identical to the checkpoint's (`model.layers.22.mlp.down_proj`),
 so a tensor named in a paper, a config or a delta file means the same thing here and in
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "mistral")
 
 
 class CheckpointError(ValueError):
@@ -50,6 +51,14 @@ class ModelArgs:
     o_bias: bool = False  # Llama with attention_bias
     mlp_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys
+    # Qwen2-MoE: the layers whose MLP is a sparse mixture of experts, and its sizes
+    moe_layers: list[int] = field(default_factory=list)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = False
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -84,12 +93,34 @@ class ModelArgs:
             scaling = None if kind == "default" else {**scaling, "rope_type": kind}
         eos = cfg.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        # Qwen2 configs carry a sliding_window but only use it when use_sliding_window is true
-        # (it is false for every released Qwen2/2.5 model); Mistral uses it whenever it is set.
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
+        # The Qwen configs carry a sliding_window but only use it when use_sliding_window is true
+        # (false for every released Qwen2/2.5/3 and Qwen1.5-MoE model); Mistral uses it whenever set.
         window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        if model_type.startswith("qwen") and not cfg.get("use_sliding_window", False):
             window = None
+        if model_type in ("qwen2", "qwen3", "qwen2_moe"):
+            # Their windows apply to some layers only (by max_window_layers / layer_types); refused
+            # rather than applied to every layer.
+            if cfg.get("use_sliding_window", False):
+                raise CheckpointError(f"{path}: use_sliding_window true is not supported for {model_type}")
+            kinds = set(cfg.get("layer_types") or ["full_attention"])
+            if kinds != {"full_attention"}:
+                raise CheckpointError(f"{path}: layer_types {sorted(kinds)} is not supported (full_attention only)")
+        # q/k/v biases: always in Qwen2, by `qkv_bias` (default true) in Qwen2-MoE, by
+        # attention_bias elsewhere (Llama, Qwen3); an o_proj bias never in the Qwen2 families
         attention_bias = bool(cfg.get("attention_bias", False))
+        if model_type == "qwen2":
+            qkv_bias = True
+        elif model_type == "qwen2_moe":
+            qkv_bias = bool(cfg.get("qkv_bias", True))
+        else:
+            qkv_bias = attention_bias
+        o_bias = attention_bias and model_type not in ("qwen2", "qwen2_moe")
+        moe = moe_fields(cfg, n_layers, path) if model_type == "qwen2_moe" else {}
+        if model_type == "qwen3" and "head_dim" not in cfg:  # transformers' default is 128, not dim // heads
+            raise CheckpointError(f"{path}: required field 'head_dim' is missing")
         return cls(
             model_type=model_type,
             vocab_size=vocab,
@@ -104,15 +135,35 @@ class ModelArgs:
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type != "qwen2" and attention_bias,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=window,
+            qk_norm=model_type == "qwen3",
+            **moe,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos,
             pad_token_id=cfg.get("pad_token_id"),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype") or "float32",
         )
+
+
+def moe_fields(cfg: dict, n_layers: int, path: str) -> dict:
+    """Qwen2-MoE's ModelArgs fields. Layer i is sparse unless it is in mlp_only_layers or
+    (i + 1) is not a multiple of decoder_sparse_step, as in transformers."""
+    try:
+        sizes = {k: int(cfg[k]) for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                           "shared_expert_intermediate_size")}
+    except KeyError as e:
+        raise CheckpointError(f"{path}: required field {e.args[0]!r} is missing") from None
+    step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
+    if not (isinstance(step, int) and step >= 1):
+        raise CheckpointError(f"{path}: decoder_sparse_step must be a positive integer, got {step!r}")
+    E, k = sizes["num_experts"], sizes["num_experts_per_tok"]
+    if E > 0 and not 1 <= k <= E:
+        raise CheckpointError(f"{path}: num_experts_per_tok {k} must be between 1 and num_experts ({E})")
+    moe_layers = [i for i in range(n_layers) if E > 0 and i not in dense and (i + 1) % step == 0]
+    return dict(moe_layers=moe_layers, norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), **sizes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,12 +243,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_pos: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:  # Qwen3: each head's q and k normalised over hd, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or nkv, T, hd)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_pos, k, v)  # (B, nkv, S, hd), S = cache_pos + T
@@ -209,21 +267,56 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
-class DecoderLayer(nn.Module):
+class MoE(nn.Module):
+    """Qwen2-MoE's sparse block: each token goes through the top-k of `num_experts` SwiGLU experts
+    that the router (`gate`) picks, weighted by their router probabilities, plus a shared expert
+    that every token goes through, scaled by sigmoid(shared_expert_gate(x))."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.top_k, self.norm_topk_prob = args.num_experts_per_tok, args.norm_topk_prob
+        self.gate = nn.Linear(args.dim, args.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_intermediate_size) for _ in range(args.num_experts))
+        self.shared_expert = MLP(args.dim, args.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(args.dim, 1, bias=False)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D): routing is per token
+        # softmax over all experts, then the top k (ties: torch.topk's choice, as in transformers);
+        # the probabilities in fp32 whatever the model's dtype, as transformers computes them
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        # Every token goes through each of its k experts: no capacity limit, nothing is dropped.
+        for e in chosen.unique().tolist():
+            tok, slot = torch.where(chosen == e)  # (n_e,) tokens routed to expert e, and which of their k
+            # out[tok] += ...: index_put_, not index_add_, whose CPU kernel goes multi-threaded
+            # even for a few rows and then waits tens of ms for a thread when the cores are busy
+            out.index_put_((tok,), self.experts[e](x[tok]) * weights[tok, slot, None], accumulate=True)
+        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, index: int):
+        super().__init__()
         self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        sparse = index in args.moe_layers  # Qwen2-MoE: a sparse block here, a dense MLP elsewhere
+        self.mlp = MoE(args) if sparse else MLP(args.dim, args.intermediate_size, args.mlp_bias)
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
@@ -238,7 +331,7 @@ class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
 

@@ -29,6 +29,15 @@ def qwen_dir(tmp_path_factory) -> Path:
     return converted(tmp_path_factory, "qwen2.5-coder-0.5b")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny llama whose weights are scaled up so greedy outputs vary from token to token:

@@ -14,6 +14,7 @@ import torch
 import data
 import delta
 import edit
+import evaluate
 import model as model_lib
 from tiny import make_checkpoint
 
@@ -71,8 +72,15 @@ def per_sample_ce(logits, batch):
     return torch.stack([c.mean() for c in ce.split(counts)]).mean()
 
 
-@pytest.mark.parametrize("module", list(edit.MODULES))
-@pytest.mark.parametrize("variant", ["qwen2", "mistral"])  # q/k/v biases + tied head; sliding window
+DENSE_MODULES = [m for m in edit.MODULES if not m.startswith("shared_expert")]
+MOE_MODULES = [m for m in edit.MODULES if m.startswith("shared_expert")] + ["attn", "layer"]
+
+
+# qwen2: q/k/v biases + tied head; mistral: sliding window; qwen3: q/k norm; qwen2-moe: layer 1 is
+# sparse (router, routed and shared experts), layer 2 after it dense
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("variant,module", [(v, m) for v in ("qwen2", "mistral", "qwen3") for m in DENSE_MODULES]
+                         + [("qwen2-moe", m) for m in MOE_MODULES])
 @pytest.mark.parametrize("packed,row_tokens", [(True, 1024), (True, 12), (False, None)],
                          ids=["packed", "packed-rows", "padded"])
 def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module, packed, row_tokens):
@@ -412,3 +420,61 @@ def test_eval_flag_uses_evaluate(capsys, ckpt, edits_file, tmp_path):
     assert rc == 0, cap.err
     report = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert report["metrics"]["reliability (greedy EM)"]["n"] == 8 and "reliability (greedy EM)" in cap.out
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen3 and Qwen2-MoE through the command line
+
+
+def sharp_checkpoint(d, variant):
+    """A tiny checkpoint with sharp_model's final-norm gain of 50 written into its weights."""
+    from safetensors.torch import load_file, save_file
+
+    make_checkpoint(d, variant)
+    t = load_file(str(d / "model.safetensors"))
+    t["model.norm.weight"] = t["model.norm.weight"] * 50
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("variant,module", [("qwen3", "down_proj"), ("qwen2-moe", "shared_expert.down_proj")])
+def test_cli_edits_qwen3_and_moe_and_evaluate_scores_the_delta(capsys, tmp_path, variant, module):
+    """edit.py with the default module (the shared expert's down_proj on the MoE's sparse layer 1),
+    then evaluate.py with the delta: every edit is recalled by greedy decoding."""
+    ckpt = sharp_checkpoint(tmp_path / "ckpt", variant)
+    edits = write_edits(tmp_path / "edits.jsonl", random_edits(4, seed=3))
+    rc, cap = cli_in_process(capsys, "--ckpt", ckpt, "--edits", edits, "--layer", "1", "--lr", "3e-2",
+                             "--epochs", "40", "--out", tmp_path / "run")
+    assert rc == 0, cap.err
+    tensor = f"model.layers.1.mlp.{module}.weight"
+    assert f"into {tensor} (bf" in cap.out
+    trained, meta = delta.read(tmp_path / "run" / "delta.safetensors")
+    assert list(trained) == [tensor] and meta["module"] == module
+    assert evaluate.main(["--ckpt", str(ckpt), "--delta", str(tmp_path / "run" / "delta.safetensors"),
+                          "--edits", str(edits), "--out", str(tmp_path / "report.json")]) == 0
+    reliability = json.loads((tmp_path / "report.json").read_text())["metrics"]["reliability (greedy EM)"]
+    assert reliability["base"] == 0 and reliability["edited"] == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_moe_module_defaults_by_layer_and_refuses_what_a_layer_lacks(capsys, tmp_path):
+    """On the tiny MoE layer 1 is sparse and layer 2 dense: each gets its own default, and a
+    module the layer does not have is refused before anything is read or written."""
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, "qwen2-moe")
+    capsys.readouterr()  # transformers' save progress bar
+    margs = model_lib.read_args(ckpt)
+    assert edit.resolve_module(None, margs, 1) == "shared_expert.down_proj"
+    assert edit.resolve_module(None, margs, 2) == edit.Hparams.module == "down_proj"
+    assert edit.resolve_module("shared_expert", margs, 1) == "shared_expert"
+    edits = write_edits(tmp_path / "edits.jsonl", random_edits(2))
+    for layer, module, has in [("1", "down_proj", "shared_expert.down_proj"), ("1", "mlp", "layer"),
+                               ("2", "shared_expert.down_proj", "down_proj")]:
+        rc, cap = cli_in_process(capsys, "--ckpt", ckpt, "--edits", edits, "--layer", layer, "--module", module,
+                                 "--out", tmp_path / "o")
+        assert rc == 2 and cap.err.count("\n") == 1 and f"--module {module}: layer {layer} has no such" in cap.err
+        assert has in cap.err and not (tmp_path / "o").exists()
+    m, _ = model_lib.load(ckpt)
+    assert sorted(edit.select_params(m, 1, "shared_expert")) == [
+        f"model.layers.1.mlp.shared_expert.{x}_proj.weight" for x in ("down", "gate", "up")]

@@ -1,4 +1,5 @@
-"""model.py against transformers: tiny random Llama / Qwen2 / Mistral checkpoints built here."""
+"""model.py against transformers: tiny random Llama / Qwen2 / Qwen3 / Qwen2-MoE / Mistral checkpoints
+built here."""
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import model as M
 
 import transformers  # noqa: E402  the oracle
 
-from tiny import TINY, VARIANTS, make_checkpoint  # noqa: E402
+from tiny import TINY, VARIANTS, make_checkpoint, write_tokenizer  # noqa: E402
 
 
 def padded_batch(seed=0):
@@ -21,6 +22,7 @@ def padded_batch(seed=0):
     return ids, mask
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_match_transformers_on_padded_batch(tmp_path, variant, side):
@@ -38,7 +40,8 @@ def test_logits_match_transformers_on_padded_batch(tmp_path, variant, side):
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral", "llama3.1-rope"])
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral", "llama3.1-rope", "qwen3", "qwen2-moe"])
 def test_greedy_generation_matches_generate(tmp_path, variant):
     hf = make_checkpoint(tmp_path, variant)
     ours, _ = M.load(tmp_path, dtype="float32")
@@ -55,6 +58,47 @@ def test_greedy_generation_matches_generate(tmp_path, variant):
             out.append(nxt.item())
             pos += 1
     assert out == ref.tolist()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_moe_routing_ties_and_no_token_dropping_match_transformers(tmp_path, norm_topk_prob):
+    """Router rows built so that experts tie exactly: layer 0's rows are all equal, so every token
+    ties over all experts and all go to the same k experts (a capacity limit would drop most of
+    them); layer 1's rows are multiples of one row, 2r, r, r, -r, -r, -r, so every token has a tie
+    across the top-k boundary. Which tied expert wins is torch.topk's choice in both."""
+    torch.manual_seed(0)
+    cfg = VARIANTS["qwen2-moe"]()
+    cfg.norm_topk_prob = norm_topk_prob
+    hf = transformers.Qwen2MoeForCausalLM(cfg).eval()
+    r = torch.randn(TINY["hidden_size"]) * 0.3
+    with torch.no_grad():
+        hf.model.layers[0].mlp.gate.weight.copy_(r.expand(cfg.num_experts, -1))
+        hf.model.layers[1].mlp.gate.weight.copy_(torch.tensor([2.0, 1, 1, -1, -1, -1])[:, None] * r)
+    hf.save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    ours, _ = M.load(tmp_path, dtype="float32")
+    probs = {}
+
+    def keep(i):  # a hook that records the router's probabilities and leaves its output alone
+        def hook(module, inputs, logits):
+            probs[i] = logits.softmax(-1)
+        return hook
+
+    for i in (0, 1):
+        ours.layers[i].mlp.gate.register_forward_hook(keep(i))
+    ids, mask = padded_batch(3)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask)
+    k = cfg.num_experts_per_tok
+    chosen0 = probs[0].topk(k, dim=-1).indices
+    assert (chosen0 == chosen0[0]).all() and len(chosen0) == ids.numel()  # all tokens, the same k experts
+    p1 = probs[1].sort(-1, descending=True).values
+    assert (p1[:, k - 1] == p1[:, k]).all()  # every token: a tie that top-k must break
+    diff = (ref - got)[mask.bool()].abs().max().item()
+    print(f"qwen2-moe ties (norm_topk_prob={norm_topk_prob}) max |logit diff| = {diff:.2e}")
+    assert diff < 1e-4
 
 
 def test_left_padded_cached_decoding_matches_unpadded(tmp_path):
@@ -160,6 +204,45 @@ def test_broken_checkpoint_gives_one_clear_line(tmp_path, how, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg
+
+
+QWEN3 = {**TINY, "model_type": "qwen3", "head_dim": 24}
+MOE = {**TINY, "model_type": "qwen2_moe", "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+       "shared_expert_intermediate_size": 48}
+
+
+@pytest.mark.parametrize("cfg,words", [
+    ({**MOE, "use_sliding_window": True, "sliding_window": 8}, ["use_sliding_window", "qwen2_moe"]),
+    ({**TINY, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8}, ["use_sliding_window", "qwen2"]),
+    ({**QWEN3, "use_sliding_window": True, "sliding_window": 8}, ["use_sliding_window", "qwen3"]),
+    ({**QWEN3, "layer_types": ["full_attention", "sliding_attention", "full_attention"]}, ["layer_types"]),
+    ({**MOE, "hidden_act": "gelu"}, ["hidden_act", "gelu"]),
+    ({**MOE, "num_experts_per_tok": 7}, ["num_experts_per_tok", "num_experts (6)"]),
+    ({**MOE, "decoder_sparse_step": 0}, ["decoder_sparse_step"]),
+    ({k: v for k, v in MOE.items() if k != "moe_intermediate_size"}, ["moe_intermediate_size", "missing"]),
+    ({k: v for k, v in QWEN3.items() if k != "head_dim"}, ["head_dim", "missing"]),
+], ids=["moe-window", "qwen2-window", "qwen3-window", "layer-types", "hidden-act", "top-k", "sparse-step", "moe-size", "head-dim"])
+def test_unsupported_qwen_options_are_refused_in_one_line(tmp_path, cfg, words):
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(M.CheckpointError) as e:
+        M.read_args(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(tmp_path / "config.json"))
+    for w in words:
+        assert w in msg
+
+
+def test_released_qwen_configs_are_accepted():
+    """What the released configs spell: a window set but unused, all-full layer_types; and the
+    training-only router loss switched on, which changes nothing in the forward pass."""
+    full = ["full_attention"] * 3
+    a = M.ModelArgs.from_config({**QWEN3, "use_sliding_window": False, "sliding_window": None, "layer_types": full,
+                                 "max_window_layers": 28})
+    assert a.qk_norm and a.head_dim == 24 and a.sliding_window is None and not a.qkv_bias
+    b = M.ModelArgs.from_config({**MOE, "use_sliding_window": False, "sliding_window": 4096, "output_router_logits": True,
+                                 "decoder_sparse_step": 1, "mlp_only_layers": [1]})
+    assert b.moe_layers == [0, 2] and b.sliding_window is None and b.qkv_bias and not b.o_bias
+    assert not M.ModelArgs.from_config({**MOE, "qkv_bias": False}).qkv_bias  # transformers 5 spells it out
 
 
 # -- the real default model, converted from PyPI -------------------------------------------------
