@@ -369,6 +369,7 @@ class Batch:
         """Per-prediction values (N,), in `logits[predict_mask]` order -> the mean over each
         sample's target tokens (n_samples,), and each sample's token count."""
         row, B = self.sample_of_prediction, self.n_samples
+        row = row.to(values.device)
         total = torch.zeros(B, device=values.device).index_add(0, row, values)
         count = torch.zeros(B, device=values.device).index_add(0, row, torch.ones_like(values))
         return total / count, count
@@ -444,7 +445,7 @@ class PrefixCache:
                  batch_size: int = 64):
         t0 = time.time()
         self.encoded, self.pad_id = encoded, pad_id
-        self.model_device = model.lm_head.weight.device
+        self.model_device = model.device_of(layer)  # where training steps start from these states
         lengths = torch.tensor([len(ids) for ids, _ in encoded])
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         shape, dtype = (int(self.offsets[-1]), model.args.dim), model.model.embed_tokens.weight.dtype
@@ -461,9 +462,9 @@ class PrefixCache:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            b = collate([encoded[i] for i in idx], pad_id).to(self.model_device)
+            b = collate([encoded[i] for i in idx], pad_id)
             h = model.hidden_states(b.ids, layer=layer)  # (B, T, D); no mask needed: right padding
-            self.h[self.rows_of(idx)] = h[b.attention_mask.bool()].to(device)  # real tokens, row by row
+            self.h[self.rows_of(idx)] = h[b.attention_mask.bool().to(h.device)].to(device)  # real tokens, in order
         self.seconds = time.time() - t0
 
     def rows_of(self, idx: list[int]) -> torch.Tensor:

@@ -261,7 +261,7 @@ def batch_loss(model, cache: data.PrefixCache, idx: list[int], hp: Hparams, reg=
             return reg.loss(model, idx, h, batch, hp.loss_avg)  # FT++: smoothing, general and local KL
         logits = model.forward_from(h, hp.layer, positions=batch.positions, segments=batch.segments,
                                     logits_at=batch.predict_mask)  # (N, V), N target tokens
-    ce = F.cross_entropy(logits.float(), batch.labels, reduction="none")
+    ce = F.cross_entropy(logits.float(), batch.labels.to(logits.device), reduction="none")
     if hp.loss_avg == "token":  # LlamaFactory's: the mean over every target token of the mini-batch
         return ce.sum() / sum(len(cache.encoded[i][0]) - cache.encoded[i][1] for i in idx)
     return batch.per_sample_mean(ce)[0].sum() / len(idx)  # the authors': per edit, then over the batch
@@ -390,6 +390,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose state --out's sibling OUT.partial holds (same flags and edits)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="spread the model's layers over several devices of one machine: cuda:0,cuda:1,...")
     p.add_argument("--dtype", default=None, help="frozen model dtype: float32 (default on CPU), bfloat16, "
                                                  "auto (the checkpoint's; default on CUDA)")
     p.add_argument("--cache-device", default=None, help="prefix cache device (default: the model's; cpu for 100K edits)")
@@ -528,23 +530,34 @@ def atomic_dir(final: Path, write, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def memory_plan(margs, lengths: list[int], hp: Hparams, dtype: torch.dtype, device: str, cache_device) -> dict:
+def memory_plan(margs, lengths: list[int], hp: Hparams, dtype: torch.dtype, devices: list[str], cache_device) -> dict:
     """What a run will hold, in bytes, computed from the config and the token counts alone: the
-    frozen model, the prefix cache (every token once), the trained tensors with their gradient
-    and Adam's two moments (fp32), and a rough bound on one step's activations."""
+    frozen model (per device, placed as `Transformer.place` places it), the prefix cache (every
+    token once), the trained tensors with their gradient and Adam's two moments (fp32), and a
+    rough bound on one step's activations, which live with the trained layer."""
     shapes = model_lib.parameter_shapes(margs)
     size = torch.finfo(dtype).bits // 8
+    n, k = margs.n_layers, len(devices)
+
+    def device_of(name: str) -> str:
+        if name.startswith("model.layers."):
+            return devices[model_lib.block_of(int(name.split(".")[2]), n, k)]
+        return devices[0] if name.startswith("model.embed_tokens") and not margs.tie_word_embeddings else devices[-1]
+
     trained = sum(math.prod(s) for s in select_params_by_name(shapes, hp.layer, hp.module).values())
     bs = hp.batch_size or auto_batch_size(len(lengths))
     step_tokens = sum(sorted(lengths)[-bs:])  # the longest mini-batch there can be
-    per_token = (margs.n_layers - hp.layer) * (8 * margs.dim + 4 * margs.intermediate_size) * 4  # saved for backward
+    per_token = (n - hp.layer) * (8 * margs.dim + 4 * margs.intermediate_size) * 4  # saved for backward
     plan = {"model": sum(math.prod(s) for s in shapes.values()) * size, "prefix_cache": sum(lengths) * margs.dim * size,
             "trained_and_adam": trained * 4 * 4, "activations": step_tokens * per_token + step_tokens * margs.vocab_size * 8}
-    cache_on = "disk" if cache_device == "disk" else torch.device(cache_device or device)
-    plan["device_total"] = plan["model"] + plan["trained_and_adam"] + plan["activations"] + \
-        (plan["prefix_cache"] if cache_on == torch.device(device) else 0)
-    plan["host_total"] = plan["prefix_cache"] if cache_on != "disk" and cache_on.type == "cpu" != torch.device(device).type else 0
-    plan["disk_total"] = plan["prefix_cache"] if cache_on == "disk" else 0
+    need = {}
+    for name, s in shapes.items():
+        need[device_of(name)] = need.get(device_of(name), 0) + math.prod(s) * size
+    edited = devices[model_lib.block_of(hp.layer, n, k)]
+    need[edited] += plan["trained_and_adam"] + plan["activations"]
+    cache = cache_device or edited
+    need[cache] = need.get(cache, 0) + plan["prefix_cache"]  # "cpu" or "disk" when asked for
+    plan["need"] = need
     return plan
 
 
@@ -561,12 +574,25 @@ def free_bytes(device: str) -> int | None:
         return None
 
 
-def check_memory(plan: dict, device: str, say=say):
+def check_devices(spec: str) -> list[str]:
+    """--devices: every entry a device this machine has."""
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except RuntimeError:
+            raise EditError(f"--devices: {d!r} is not a device (cuda:0, cuda:1, ... or cpu)") from None
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise EditError(f"--devices: {d} does not exist here ({torch.cuda.device_count()} CUDA devices)")
+    return devices
+
+
+def check_memory(plan: dict, say=say):
     gb = lambda b: f"{b / 2**30:.2f} GB"  # noqa: E731
     say(f"memory: model {gb(plan['model'])}, prefix cache {gb(plan['prefix_cache'])}, trained tensors + Adam "
           f"{gb(plan['trained_and_adam'])}, activations up to ~{gb(plan['activations'])}")
-    for where, need in ((device, plan["device_total"]), ("cpu", plan["host_total"]), ("disk", plan["disk_total"])):
-        free = free_bytes(where) if need else None
+    for where, need in plan["need"].items():
+        free = free_bytes(where)
         if free is not None and need > free:
             raise EditError(f"this run needs about {gb(need)} on {where} but {gb(free)} is free; try fewer edits "
                             f"(--n), a smaller --batch-size, or --cache-device cpu")
@@ -584,6 +610,8 @@ def run(args) -> Path | None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1 and device == "cuda":  # torchrun: one process per GPU (or several on a CPU)
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    devices = check_devices(args.devices) if args.devices else [device]
+    device = devices[0]
     talk = say if rank == 0 else (lambda line: None)  # under torchrun, process 0 alone prints and writes
     ckpt = Path(args.ckpt)
     margs = model_lib.read_args(ckpt)
@@ -604,6 +632,8 @@ def run(args) -> Path | None:
                  seed=Hparams.seed if args.seed is None else args.seed)
     hp = replace(hp, layer=layer, module=module)
     n_seqs = len(edits) * (hp.augment_prefixes + 1)
+    if len(devices) > 1 and (world > 1 or ftpp.active(hp)):
+        raise EditError("--devices runs LocFT-BF in one process without FT++ (no torchrun, no FT++ options)")
     if world > 1:
         if hp.pipeline == "df" or ftpp.active(hp):
             raise EditError("torchrun runs LocFT-BF without FT++ only (--pipeline df and the FT++ options run in one process)")
@@ -622,7 +652,7 @@ def run(args) -> Path | None:
     if args.resume:
         check_resume(partial / "checkpoint.pt", fingerprint)
     lengths = [len(data.encode_edit(tok, e.prompt, e.target)[0]) + prefix for e in edits for _ in range(hp.augment_prefixes + 1)]
-    check_memory(memory_plan(margs, lengths, hp, dtype, device, args.cache_device), device, talk)
+    check_memory(memory_plan(margs, lengths, hp, dtype, devices, args.cache_device), talk)
 
     if world > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -631,7 +661,7 @@ def run(args) -> Path | None:
         if partial.exists() and not args.resume:  # --overwrite: start over
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
-    model, tok = model_lib.load(ckpt, device=device, dtype=args.dtype)
+    model, tok = model_lib.load(ckpt, device=devices, dtype=args.dtype)
     earlier = {}
     if parent is not None:  # lifelong: this run starts where the earlier delta left the model
         delta.apply(model, args.base_delta)

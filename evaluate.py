@@ -89,7 +89,7 @@ def by_group(fn, groups: dict[str, list]) -> dict[str, list]:
 def teacher_forced_argmax(model, encoded: list[tuple[list[int], int]], pad_id: int, batch_size=64) -> list[list[int]]:
     """For each (ids, n_prompt): the model's argmax at each position that predicts a token after
     the prompt, given the true tokens before it."""
-    dev = model.lm_head.weight.device
+    dev = model.device
     out: list[list[int]] = [[] for _ in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     for s in range(0, len(order), batch_size):
@@ -153,7 +153,7 @@ def text_metrics(model, tok, text: str, base: dict | None, edited: dict | None, 
     """Perplexity of each weight set on `text` and the mean per-token KL(base || edited), over
     non-overlapping windows of `window` tokens. Only the tensors in `base`/`edited` are swapped
     per batch of windows, so one model and one batch of logits are in memory at a time."""
-    dev = model.lm_head.weight.device
+    dev = model.device
     ids = tok.encode(text)
     windows = [w for w in (ids[i:i + window] for i in range(0, len(ids), window)) if len(w) > 1]
     nll = {"base": 0.0, "edited": 0.0}
@@ -170,7 +170,7 @@ def text_metrics(model, tok, text: str, base: dict | None, edited: dict | None, 
                 model.load_tensors(weights)
             logits = model(b.ids, attention_mask=b.attention_mask, logits_at=b.predict_mask)
             logp[name] = F.log_softmax(logits.float(), -1)  # (N, V)
-            nll[name] += -logp[name].gather(1, labels[:, None]).sum().item()
+            nll[name] += -logp[name].gather(1, labels[:, None].to(logits.device)).sum().item()
         if "edited" in logp:
             kl += (logp["base"].exp() * (logp["base"] - logp["edited"])).sum().item()
         count += labels.numel()

@@ -47,7 +47,7 @@ def left_pad(tok, prompts: list[list[int]]):
 @torch.inference_mode()
 def greedy_reference(model, tok, prompts: list[str], max_new_tokens=MAX_NEW_TOKENS, stop=EDIT_STOP):
     """Each prompt's new token ids, the stopping token included; one batch, no tricks."""
-    dev = model.lm_head.weight.device
+    dev = model.device  # the embedding's
     ids, mask = left_pad(tok, [tok.encode(p) for p in prompts])
     ids, mask = ids.to(dev), mask.to(dev)
     B, T = ids.shape
@@ -86,8 +86,8 @@ class Rows:
 
     def keep(self, rows: list[int]):
         sel = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        for c in self.cache:
-            c.k, c.v = c.k[sel], c.v[sel]
+        for c in self.cache:  # each layer's K/V live on that layer's device
+            c.k, c.v = c.k[sel.to(c.k.device)], c.v[sel.to(c.v.device)]
         self.mask, self.nxt, self.index = self.mask[sel], self.nxt[sel], [self.index[j] for j in rows]
 
 
@@ -114,7 +114,7 @@ def merge(parts: list[Rows], room: int) -> Rows:
 @torch.inference_mode()
 def greedy(model, tok, prompts: list[str], max_new_tokens=MAX_NEW_TOKENS, stop=EDIT_STOP, batch_size=64):
     """The same token lists as `greedy_reference`, in the order of `prompts`."""
-    dev = model.lm_head.weight.device
+    dev = model.device  # the embedding's
     encoded = [tok.encode(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[list[int]] = [[] for _ in prompts]

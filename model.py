@@ -205,7 +205,7 @@ def precompute_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     """cos/sin tables for the given positions: (B, T) -> (B, 1, T, head_dim)."""
-    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # Hugging Face's half-split layout, not interleaved
     return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
 
@@ -339,6 +339,11 @@ class Backbone(nn.Module):
 # The model
 
 
+def block_of(layer: int, n_layers: int, n_devices: int) -> int:
+    """Which of `n_devices` holds `layer` when the layers are split into contiguous blocks."""
+    return layer * n_devices // n_layers
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -352,6 +357,14 @@ class Transformer(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the embedding's device."""
+        return self.model.embed_tokens.weight.device
+
+    def device_of(self, layer: int) -> torch.device:
+        return self.layers[layer].input_layernorm.weight.device
 
     # -- masks and positions ---------------------------------------------------------------
 
@@ -427,23 +440,25 @@ class Transformer(nn.Module):
         mask = self.build_mask(attention_mask, positions, T, cache_pos, segments)
         end = self.args.n_layers if stop_layer is None else stop_layer
         for i in range(layer, end):
+            dev = self.device_of(i)
+            if h.device != dev:  # the next block of layers is on another device (see `place`)
+                h, cos, sin, mask = (None if t is None else t.to(dev) for t in (h, cos, sin, mask))
             h = self.layers[i](h, cos, sin, mask, None if cache is None else cache[i], cache_pos)
         if stop_layer is not None:
             return h
+        h = h.to(self.lm_head.weight.device)
         if isinstance(logits_at, str):
-            if logits_at != "last":
-                raise ValueError(f"logits_at must be None, 'last' or a bool mask, not {logits_at!r}")
-            h = h[:, -1]
+            h = h[:, -1]  # "last"
         elif logits_at is not None:
-            h = h[logits_at]  # (N, D): norm and head only where the loss looks
+            h = h[logits_at.to(h.device)]  # (N, D): norm and head only where the loss looks
         return self.lm_head(self.model.norm(h))
 
     def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
-        return self.forward_from(self.model.embed_tokens(tokens), 0, **kw)
+        return self.forward_from(self.model.embed_tokens(tokens.to(self.device)), 0, **kw)
 
     def hidden_states(self, tokens: torch.Tensor, layer: int, **kw) -> torch.Tensor:
         """Hidden states entering `layer` (the output of layers 0..layer-1)."""
-        return self.forward_from(self.model.embed_tokens(tokens), 0, stop_layer=layer, **kw)
+        return self.forward_from(self.model.embed_tokens(tokens.to(self.device)), 0, stop_layer=layer, **kw)
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor], keep_originals: bool = False) -> dict[str, torch.Tensor]:
@@ -463,9 +478,22 @@ class Transformer(nn.Module):
         return originals
 
     def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        p = self.lm_head.weight
-        a = self.args
-        return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, p.dtype, p.device) for _ in range(a.n_layers)]
+        a, dtype = self.args, self.lm_head.weight.dtype
+        return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, self.device_of(i)) for i in range(a.n_layers)]
+
+    def place(self, devices: list) -> "Transformer":
+        """Allocate (uninitialised) parameters over several devices of one machine: the layers in
+        contiguous blocks, the embedding with the first block, the final norm and the LM head with
+        the last (and the embedding there too when it is tied to the head). `forward_from` moves
+        the hidden states from block to block; each layer's device is where its weights are."""
+        for i, layer in enumerate(self.layers):
+            layer.to_empty(device=devices[block_of(i, self.args.n_layers, len(devices))])
+        self.model.norm.to_empty(device=devices[-1])
+        self.lm_head.to_empty(device=devices[-1])
+        self.model.embed_tokens.to_empty(device=devices[-1] if self.args.tie_word_embeddings else devices[0])
+        if self.args.tie_word_embeddings:  # to_empty makes a new tensor for each; tie them again
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,21 +675,21 @@ def load(ckpt_dir, device="cpu", dtype: str | None = None) -> tuple[Transformer,
 
     Every header is checked first; then weights stream from the safetensors files straight into
     parameters allocated on `device`, so no second full copy of the model exists at any time.
+    `device` may be a list: the layers are then spread over those devices (`Transformer.place`).
     """
     from safetensors import safe_open
 
     ckpt_dir = Path(ckpt_dir)
     args = read_args(ckpt_dir)
     tokenizer = Tokenizer(ckpt_dir, args)
-    dtype = resolve_dtype(dtype, args, device)
+    devices = [device] if isinstance(device, (str, torch.device)) else list(device)
+    dtype = resolve_dtype(dtype, args, devices[0])
     files = check_weights(ckpt_dir, args)
 
     with torch.device("meta"):
         model = Transformer(args)
-    model.to_empty(device=device).to(dtype)  # allocates only; nothing is initialised
-    model.inv_freq = precompute_inv_freq(args).to(device)  # buffers are not in the checkpoint
-    if args.tie_word_embeddings:  # to_empty breaks the tie; restore it
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.place(devices).to(dtype)  # allocates only; nothing is initialised
+    model.inv_freq = precompute_inv_freq(args).to(model.device)  # fp32, and not in the checkpoint
     params = dict(model.named_parameters())
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:

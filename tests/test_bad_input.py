@@ -140,6 +140,7 @@ CASES = [
     ("not-a-number", "evaluate", None, V + ["--batch-size", "many"], ["evaluate.py: error", "--batch-size", "'many'"]),
     ("unknown-module", "edit", None, E + ["--module", "ffn"], ["edit.py: error", "--module", "'ffn'"]),
     ("cache-device-unknown", "edit", None, E + ["--cache-device", "floppy"], ["--cache-device", "'floppy'"]),
+    ("devices-not-here", "edit", None, E + ["--devices", "cuda:0,cuda:7"], ["--devices", "cuda:", "does not exist here"]),
     ("resume-nothing", "edit", None, E + ["--resume"], ["--resume", "nothing to resume", "out.partial"]),
     ("base-delta-truncated", "edit", lambda w: truncate(w / "run" / "delta.safetensors"),
      E + ["--base-delta", "{w}/run/delta.safetensors"], ["delta", "not a readable safetensors"]),

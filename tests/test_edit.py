@@ -449,7 +449,8 @@ def test_cli_edits_qwen3_and_moe_and_evaluate_scores_the_delta(capsys, tmp_path,
     assert rc == 0, cap.err
     tensor = f"model.layers.1.mlp.{module}.weight"
     assert f"into {tensor} (bf" in cap.out
-    trained, meta = delta.read(tmp_path / "run" / "delta.safetensors")
+    path = tmp_path / "run" / "delta.safetensors"
+    trained, meta = delta.tensors(path), delta.check(path, model_lib.parameter_shapes(model_lib.read_args(ckpt)))
     assert list(trained) == [tensor] and meta["module"] == module
     assert evaluate.main(["--ckpt", str(ckpt), "--delta", str(tmp_path / "run" / "delta.safetensors"),
                           "--edits", str(edits), "--out", str(tmp_path / "report.json")]) == 0

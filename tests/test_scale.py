@@ -108,11 +108,14 @@ def test_prefix_cache_on_disk_equals_in_memory_and_the_plan_is_exact(ckpt):
         (h1, b1), (h2, b2) = mem.batch([3, 0, 7], packed), disk.batch([3, 0, 7], packed)
         assert torch.equal(h1, h2) and torch.equal(b1.ids, b2.ids)
     hp = edit.Hparams(layer=2)
-    plan = edit.memory_plan(m.args, [len(ids) for ids, _ in encoded], hp, torch.float32, "cpu", None)
+    plan = edit.memory_plan(m.args, [len(ids) for ids, _ in encoded], hp, torch.float32, ["cpu"], None)
     assert plan["prefix_cache"] == mem.h.nbytes == sum(len(ids) for ids, _ in encoded) * m.args.dim * 4
     assert plan["model"] == sum(p.nbytes for p in m.parameters())
     assert plan["trained_and_adam"] == 4 * m.get_parameter("model.layers.2.mlp.down_proj.weight").nbytes
-    assert edit.memory_plan(m.args, [10] * 5, hp, torch.float32, "cpu", "disk")["disk_total"] == 50 * m.args.dim * 4
+    assert edit.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], "disk")["need"]["disk"] == 50 * m.args.dim * 4
+    two = edit.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda:0", "cuda:1"], None)["need"]
+    assert two["cuda:0"] + two["cuda:1"] == plan["model"] + plan["trained_and_adam"] + 50 * m.args.dim * 4 + \
+        edit.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], None)["activations"]
 
 
 def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path):
@@ -142,3 +145,25 @@ def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path):
     assert "editing 11 edits" in r.stdout
     taught = data.load_edits(tmp_path / "all" / "edits.jsonl")
     assert [e.prompt for e in taught] == [e.prompt for e in data.load_edits(first) + data.load_edits(second)]
+
+
+def test_layers_over_two_devices_give_the_same_results(ckpt, tmp_path):
+    """`--devices cpu,cpu` runs the placement code path (blocks of layers, hidden states moved
+    between them); on two CPU devices the moves are no-ops and every result is the same."""
+    import evaluate
+    import generate
+
+    one, tok = model_lib.load(ckpt)
+    two, _ = model_lib.load(ckpt, device=["cpu", "cpu"])
+    assert [model_lib.block_of(i, 3, 2) for i in range(3)] == [0, 0, 1]
+    prompts = [e.prompt for e in random_edits(6, seed=3)]
+    assert generate.greedy(one, tok, prompts, 8, batch_size=2) == generate.greedy(two, tok, prompts, 8, batch_size=2)
+    enc = [data.encode_edit(tok, p, "w5 w6") for p in prompts]
+    assert evaluate.teacher_forced_argmax(one, enc, tok.pad_id) == evaluate.teacher_forced_argmax(two, enc, tok.pad_id)
+    edits = write_edits(tmp_path / "e.jsonl", random_edits(8, seed=4))
+    common = ["--ckpt", ckpt, "--edits", edits, "--layer", "1", "--epochs", "2"]
+    assert run_cli(*common, "--out", tmp_path / "a").returncode == 0
+    r = run_cli(*common, "--out", tmp_path / "b", "--devices", "cpu,cpu")
+    assert r.returncode == 0, r.stderr
+    a, b = (load_file(str(tmp_path / d / "delta.safetensors")) for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
