@@ -57,7 +57,7 @@ class ProjectLM(LM):
         if context:
             return capability.encode_pair(self.tok, context, continuation)
         cont = self.tok.encode(continuation, add_special_tokens=False)
-        return ([self.prefix_token_id], cont) if cont[0] != self.prefix_token_id else (cont[:1], cont[1:])
+        return (cont[:1], cont[1:]) if cont and cont[0] == self.prefix_token_id else ([self.prefix_token_id], cont)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._pair(*r.args[:2]) for r in requests]

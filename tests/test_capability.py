@@ -104,20 +104,26 @@ MMLU_SUBJECTS = ["astronomy", "high_school_mathematics"]
 
 
 def lm_eval_run(lm, tm, task_name: str, docs: list[dict], tmp_path: Path):
-    """Per-document samples from lm_eval.simple_evaluate on lm-eval's own config of `task_name`
-    (from TaskManager `tm`), with only its data source replaced by a local JSONL file of `docs`."""
-    import lm_eval
+    """Per-document samples from lm-eval's evaluation loop on its own config of `task_name`
+    (from TaskManager `tm`), with only the data source replaced by a local JSONL file of `docs`.
+    The task setup is simple_evaluate's; its call is skipped because it surveys the whole
+    environment (pip, compilers) on every run, seconds each time."""
+    from lm_eval.evaluator import evaluate
     from lm_eval.tasks._yaml_loader import load_yaml
 
     data = tmp_path / f"{task_name}.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     config = load_yaml(tm.task_index[task_name].yaml_path, resolve_func=True)
+    splits = {config.get(k) for k in ("training_split", "validation_split", "test_split", "fewshot_split")} - {None}
     config.update(dataset_path="json", dataset_name=None, dataset_kwargs={
-        "data_files": {s: str(data) for s in ("train", "validation", "test", "dev")},
-        "cache_dir": str(tmp_path / "hf-datasets")})
-    out = lm_eval.simple_evaluate(model=lm, tasks=[config], task_manager=tm, log_samples=True, bootstrap_iters=0)
-    samples = out["samples"][task_name]
-    return out["configs"][task_name], sorted(samples, key=lambda s: (s["doc_id"], s["filter"]))
+        "data_files": {s: str(data) for s in splits}, "cache_dir": str(tmp_path / "hf-datasets")})
+    loaded = tm.load([config])
+    task = loaded["tasks"][task_name]
+    if task.get_config("num_fewshot") is None:  # as simple_evaluate: the task's own default, else 0
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=1234)
+    out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)
+    return out["configs"][task_name], sorted(out["samples"][task_name], key=lambda s: (s["doc_id"], s["filter"]))
 
 
 @pytest.fixture(scope="module")
