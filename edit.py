@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import capability
 import data
 import delta
 import evaluate
@@ -396,6 +397,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "auto (the checkpoint's; default on CUDA)")
     p.add_argument("--cache-device", default=None, help="prefix cache device (default: the model's; cpu for 100K edits)")
     p.add_argument("--eval", action="store_true", help="evaluate before/after right after training (eval.json)")
+    p.add_argument("--capability", nargs="?", const="paper", metavar="TASKS",
+                   help="with --eval: also benchmark accuracy before/after, as evaluate.py --capability ('paper' "
+                        "by default, 'small', 'all' or task names)")
+    p.add_argument("--limit", type=int, default=None, help="with --capability: the first N documents of each task")
     g = p.add_argument_group("FT++ regularisers (all off by default; see ftpp.py)")
     g.add_argument("--smooth-alpha", type=float, default=H.smooth_alpha, metavar="A",
                    help="label smoothing toward the old answer: (1-A) CE(new) + A CE(old), for edits that know it")
@@ -460,6 +465,15 @@ def check_args(args) -> None:
     for flag, v in (("--general-kl", args.general_kl), ("--local-kl", args.local_kl), ("--weight-decay", args.weight_decay)):
         if not 0 <= v <= 1e6:  # NaN and overflowing weights fail too
             raise EditError(f"{flag} must be between 0 and 1e6, got {v}")
+    if (args.capability or args.limit is not None) and not args.eval:
+        raise EditError("--capability and --limit act with --eval only; add --eval")
+    if args.limit is not None and not args.capability:
+        raise EditError("--limit needs --capability (it limits the benchmark documents)")
+    if args.capability:
+        try:
+            capability.check(args.capability, args.limit)
+        except capability.CapabilityError as e:
+            raise EditError(str(e)) from None
     if args.general_kl:
         path = Path(args.general_text)
         if not path.is_file():
@@ -704,7 +718,12 @@ def run(args) -> Path | None:
     say(f"done: {len(edits)} edits, {log['epochs_run']} epochs, final loss {log['final_loss']:.4f}, "
         f"{log['seconds']:.1f}s -> {out}" + (f" (export: {args.export})" if args.export else ""))
     if args.eval:  # the model holds the weights before this run: evaluate them, then the trained tensors
-        report = evaluate.before_after(model, tok, edits, None, trained)
+        params = dict(model.named_parameters())
+        before = {n: params[n].detach().clone() for n in trained}
+        report = evaluate.before_after(model, tok, edits, before, trained)
+        if args.capability:
+            report["capability"] = capability.before_after(model, tok, capability.resolve(args.capability), before,
+                                                           trained, args.limit)
         evaluate.print_report(report)
         evaluate.write_report(report, out / "eval.json")
     return out

@@ -22,6 +22,10 @@ On a CPU the model runs in float32, as `edit.py` trains it, so `edit.py --eval` 
 score the same tensor the same way.
 
     python evaluate.py --ckpt weights/smollm2-135m --delta out/demo/delta.safetensors --edits data/demo_edits.json
+
+`--capability` adds the paper's measure of harm, benchmark accuracy before and after the edit
+(capability.py): `--capability` alone is the paper's set (MMLU, NQ-open, SST-2, GSM8K), `small`
+a set that discriminates on small models; `--limit N` scores the first N documents of each task.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import capability
 import delta
 from data import Edit, EditFileError, check_context, collate, encode_edit, load_edits
 from generate import EDIT_STOP, MAX_NEW_TOKENS, cut_at_stop, greedy
@@ -250,6 +255,14 @@ def _fmt(x) -> str:
 
 
 def print_report(report: dict, file=None, examples: int = 5) -> None:
+    if "metrics" in report:
+        print_edit_metrics(report, file, examples)
+    if "capability" in report:
+        print(("\n" if "metrics" in report else "") + capability.format_table(report["capability"]),
+              file=file or sys.stdout)
+
+
+def print_edit_metrics(report: dict, file=None, examples: int = 5) -> None:
     has_edited = any("edited" in row for row in report["metrics"].values())
     w = max(len(k) for k in report["metrics"]) + 2
     lines = [f"{'metric':<{w}}{'base':>8}" + (f"{'edited':>9}" if has_edited else "") + f"{'n':>7}"]
@@ -297,15 +310,22 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
-    ap = OneLineParser(description="Greedy before/after evaluation of an edit (reliability, "
-                                             "generalization, locality).")
+    ap = OneLineParser(description="Before/after evaluation of an edit: greedy reliability, generalization, "
+                                   "locality (--edits) and benchmark capability (--capability).")
     ap.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
     ap.add_argument("--delta", help="delta.safetensors written by edit.py; without it only the base is evaluated")
-    ap.add_argument("--edits", required=True, help="edit file (.json or .jsonl, any known layout)")
+    ap.add_argument("--edits", help="edit file (.json or .jsonl, any known layout)")
     ap.add_argument("--n", type=int, help="evaluate n edits (the first n, or a random n with --seed)")
     ap.add_argument("--seed", type=int, help="with --n: pick a reproducible random subset")
-    ap.add_argument("--out", help="write the full report (metrics, per-edit outputs) as JSON here")
-    ap.add_argument("--text", help="a text file: perplexity of base and edited model and KL(base || edited)")
+    ap.add_argument("--capability", nargs="?", const="paper", metavar="TASKS",
+                    help="benchmark accuracy as lm-evaluation-harness scores it: 'paper' (the default: mmlu, nq, "
+                         f"sst2, gsm8k), 'small', 'all' or task names, comma-separated ({', '.join(capability.TASKS)})")
+    ap.add_argument("--limit", type=int, help="with --capability: the first N documents of each task (MMLU: of each "
+                                              "subject), as lm-eval's --limit")
+    ap.add_argument("--capability-data", default=str(capability.DATA_DIR),
+                    help="directory of the <task>.jsonl files (default data/capability/, made by make capability)")
+    ap.add_argument("--out", help="write the full report (metrics, per-edit outputs, capability) as JSON here")
+    ap.add_argument("--text", help="with --edits, a text file: perplexity of base and edited model and KL(base || edited)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16, auto (the checkpoint's; "
                                                   "default on CUDA)")
@@ -316,10 +336,18 @@ def main(argv=None) -> int:
         # everything that can be known without the weights is checked before they are read
         if args.batch_size <= 0 or args.max_new_tokens <= 0:
             raise ValueError("--batch-size and --max-new-tokens must be positive")
+        if not args.edits and not args.capability:
+            raise ValueError("nothing to evaluate: give --edits, --capability or both")
+        if args.limit is not None and not args.capability:
+            raise ValueError("--limit needs --capability (it limits the benchmark documents)")
+        if args.text and not args.edits:
+            raise ValueError("--text needs --edits")
+        tasks = capability.check(args.capability, args.limit, args.capability_data) if args.capability else []
         margs = read_args(args.ckpt)
         tok = Tokenizer(args.ckpt, margs)
-        edits = load_edits(args.edits, n=args.n, seed=args.seed)
-        check_context(tok, edits, args.edits, margs.max_position_embeddings, args.max_new_tokens)
+        edits = load_edits(args.edits, n=args.n, seed=args.seed) if args.edits else None
+        if edits:
+            check_context(tok, edits, args.edits, margs.max_position_embeddings, args.max_new_tokens)
         text = None
         if args.text:
             try:
@@ -336,16 +364,21 @@ def main(argv=None) -> int:
             base = delta.apply(model, args.delta)
             params = dict(model.named_parameters())
             edited = {n: params[n].detach().clone() for n in base}
-        report = before_after(model, tok, edits, base, edited, text=text, batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens)
-    except (EditFileError, CheckpointError, ValueError, OSError) as e:  # DeltaError is a ValueError
+        report = {"settings": {}}
+        if edits is not None:
+            report = before_after(model, tok, edits, base, edited, text=text, batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens)
+        if tasks:
+            report["capability"] = capability.before_after(model, tok, tasks, base, edited, args.limit,
+                                                           data_dir=args.capability_data)
+    except (EditFileError, CheckpointError, ValueError, OSError) as e:  # DeltaError, CapabilityError: ValueErrors
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("evaluate.py: interrupted; no report was written", file=sys.stderr)
         return 130
-    report["settings"].update(ckpt=str(args.ckpt), delta=args.delta, edits_file=str(args.edits), n=args.n,
-                              seed=args.seed)
+    report["settings"].update(ckpt=str(args.ckpt), delta=args.delta, edits_file=args.edits and str(args.edits),
+                              n=args.n, seed=args.seed)
     print_report(report)
     if args.out:
         write_report(report, args.out)
