@@ -76,7 +76,7 @@ def score_tokens(model, tok, requests: list[tuple[list[int], list[int]]], batch_
         if cont:
             users[r].append(i)
     out = [(0.0, True)] * len(requests)  # an empty continuation: log 1, trivially greedy
-    dev = model.lm_head.weight.device
+    dev = model.device  # the embedding's: inputs go there
     order = sorted(users, key=lambda r: (len(seqs[r]), seqs[r]))  # little padding, deterministic
     for s in range(0, len(order), batch_size):
         batch = order[s:s + batch_size]
@@ -439,11 +439,12 @@ def verdict(ci: list[float]) -> str:
 
 def before_after(model, tok, names: list[str], base: dict | None, edited: dict | None, limit: int | None = None,
                  batch_size: int = 32, gen_batch_size: int = 16, data_dir: Path = DATA_DIR, say=print,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, base_cache: dict | None = None) -> dict:
     """Every task on the base weights, then on the edited ones, one model in memory (as
     evaluate.before_after: `base`/`edited` map parameter names to tensors; `base=None` means
     the current weights are the base; `edited=None`: base only). The model is left holding
-    `edited` when given."""
+    `edited` when given. `base_cache`, a dict kept by the caller, keeps the base model's results
+    between calls that share the base and `limit` (several edits of one model, as in experiments/)."""
     docs = {n: load_docs(n, limit, data_dir) for n in names}
     if base is None and edited is not None:
         params = dict(model.named_parameters())
@@ -457,7 +458,12 @@ def before_after(model, tok, names: list[str], base: dict | None, edited: dict |
         runs[label] = {}
         for n in names:
             t0 = time.time()
-            runs[label][n] = run(model, tok, TASKS[n], docs[n], batch_size, gen_batch_size)
+            if label == "base" and base_cache is not None and (n, limit) in base_cache:
+                runs[label][n] = base_cache[n, limit]
+            else:
+                runs[label][n] = run(model, tok, TASKS[n], docs[n], batch_size, gen_batch_size)
+            if label == "base" and base_cache is not None:
+                base_cache[n, limit] = runs[label][n]
             seconds[n][label] = round(time.time() - t0, 2)
             p = TASKS[n].primary
             say(f"capability {label} {n}: {p} {np.mean(runs[label][n][p]):.3f} (n={len(docs[n])}, "

@@ -718,12 +718,8 @@ def run(args) -> Path | None:
     say(f"done: {len(edits)} edits, {log['epochs_run']} epochs, final loss {log['final_loss']:.4f}, "
         f"{log['seconds']:.1f}s -> {out}" + (f" (export: {args.export})" if args.export else ""))
     if args.eval:  # the model holds the weights before this run: evaluate them, then the trained tensors
-        params = dict(model.named_parameters())
-        before = {n: params[n].detach().clone() for n in trained}
-        report = evaluate.before_after(model, tok, edits, before, trained)
-        if args.capability:
-            report["capability"] = capability.before_after(model, tok, capability.resolve(args.capability), before,
-                                                           trained, args.limit)
+        tasks = capability.resolve(args.capability) if args.capability else ()
+        report = evaluate.measure(model, tok, edits, None, trained, tasks, args.limit, say=say)
         evaluate.print_report(report)
         evaluate.write_report(report, out / "eval.json")
     return out

@@ -246,6 +246,43 @@ def before_after(model, tok, edits: list[Edit], base: dict[str, torch.Tensor] | 
     }
 
 
+def measure(model, tok, edits: list[Edit], before: dict | None, edited: dict, tasks=(), limit: int | None = None,
+            data_dir=capability.DATA_DIR, base_cache: dict | None = None, text: str | None = None,
+            say=lambda s: None) -> dict:
+    """The whole before/after report of one edit: the edit metrics (with `text`, the drift on it)
+    and, with `tasks`, capability. `before=None`: the model's current weights; the model is left
+    holding them."""
+    if before is None:
+        params = dict(model.named_parameters())
+        before = {n: params[n].detach().clone() for n in edited}
+    report = before_after(model, tok, edits, before, edited, text=text, say=say)
+    if tasks:
+        report["capability"] = capability.before_after(model, tok, list(tasks), before, edited, limit,
+                                                       data_dir=data_dir, say=say, base_cache=base_cache)
+    model.load_tensors(before)
+    return report
+
+
+def headline(report: dict) -> dict:
+    """The figures a table or a plot shows, edited model first: reliability, generalization, both
+    localities, and each capability average ("Cap" is the paper's) with its change and interval."""
+    m = report["metrics"]
+    row = {"reliability": m["reliability (greedy EM)"]["edited"],
+           "generalization": m["generalization (greedy EM)"]["edited"],
+           "locality_unchanged": m["locality (output unchanged)"]["edited"],
+           "locality_teacher_forced": m["locality (teacher-forced, base predictions kept)"]["edited"],
+           "locality_em": m["locality (EM vs given answer)"]["edited"]}
+    if report.get("text"):
+        row.update(perplexity_base=report["text"]["perplexity"]["base"], perplexity=report["text"]["perplexity"]["edited"],
+                   kl_per_token=report["text"]["kl_base_edited_per_token"])
+    for name, a in report.get("capability", {}).get("averages", {}).items():
+        row.update({f"{name}_base": a["base"], f"{name}": a["edited"], f"{name}_change": a["change"],
+                    f"{name}_ci95": a["ci95"]})
+    for name, t in report.get("capability", {}).get("tasks", {}).items():
+        row[f"{name}_{t['primary']}"] = t["metrics"][t["primary"]]["edited"]
+    return row
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 
