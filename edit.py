@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -616,17 +616,30 @@ class Interrupted(Exception):
     """Ctrl-C during a run; the message says what is left."""
 
 
-def run(args) -> Path | None:
-    # everything that can be known from the arguments, the config, the tokenizer, the edit file
-    # and the safetensors headers is checked before the weights are read
+@dataclass
+class Run:
+    """What `preflight` found out about a run before any weight is read."""
+    ckpt: Path
+    out: Path
+    edits: list
+    hp: Hparams
+    devices: list[str]
+    world: int  # torchrun's processes (1 without it)
+    rank: int
+    fingerprint: dict  # what a --resume must share with the run it continues
+    parent: dict | None  # --base-delta's metadata
+
+
+def preflight(args) -> Run:
+    """Every check that needs no weights: the flags, config.json, the tokenizer, the edit file
+    (each record against the context), the output paths, the safetensors headers, --resume and
+    --base-delta, and the memory plan. Raises EditError (or a loader's error) in one line."""
     check_args(args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1 and device == "cuda":  # torchrun: one process per GPU (or several on a CPU)
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     devices = check_devices(args.devices) if args.devices else [device]
-    device = devices[0]
-    talk = say if rank == 0 else (lambda line: None)  # under torchrun, process 0 alone prints and writes
     ckpt = Path(args.ckpt)
     margs = model_lib.read_args(ckpt)
     layer = resolve_layer(args.layer, margs.n_layers)
@@ -642,49 +655,52 @@ def run(args) -> Path | None:
     out = Path(args.out) if args.out else \
         Path("out") / f"{ckpt.resolve().name}-{Path(args.edits).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_paths(args, ckpt, out)
-    hp = Hparams(**{f.name: getattr(args, f.name) for f in fields(Hparams) if f.name != "seed"},
-                 seed=Hparams.seed if args.seed is None else args.seed)
-    hp = replace(hp, layer=layer, module=module)
-    n_seqs = len(edits) * (hp.augment_prefixes + 1)
+    hp = Hparams(**{f.name: getattr(args, f.name) for f in fields(Hparams) if f.name not in ("seed", "layer", "module")},
+                 seed=Hparams.seed if args.seed is None else args.seed, layer=layer, module=module)
+    batch = hp.batch_size or auto_batch_size(len(edits) * (hp.augment_prefixes + 1))
     if len(devices) > 1 and (world > 1 or ftpp.active(hp)):
         raise EditError("--devices runs LocFT-BF in one process without FT++ (no torchrun, no FT++ options)")
-    if world > 1:
-        if hp.pipeline == "df" or ftpp.active(hp):
-            raise EditError("torchrun runs LocFT-BF without FT++ only (--pipeline df and the FT++ options run in one process)")
-        if world > (hp.batch_size or auto_batch_size(n_seqs)):
-            raise EditError(f"torchrun's {world} processes exceed the batch of {hp.batch_size or auto_batch_size(n_seqs)}: "
-                            "every process needs a share of each mini-batch")
+    if world > 1 and (hp.pipeline == "df" or ftpp.active(hp)):
+        raise EditError("torchrun runs LocFT-BF without FT++ only (--pipeline df and the FT++ options run in one process)")
+    if world > batch:
+        raise EditError(f"torchrun's {world} processes exceed the batch of {batch}: every process needs a share of each mini-batch")
     model_lib.check_weights(ckpt, margs)
-    dtype = model_lib.resolve_dtype(args.dtype, margs, device)
-    names = list(select_params_by_name(model_lib.parameter_shapes(margs), layer, hp.module))
-    parent = delta.check(args.base_delta, model_lib.parameter_shapes(margs)) if args.base_delta else None
-    originals = delta.stored_tensors(ckpt, names)
+    shapes = model_lib.parameter_shapes(margs)
+    parent = delta.check(args.base_delta, shapes) if args.base_delta else None
+    originals = delta.stored_tensors(ckpt, select_params_by_name(shapes, layer, hp.module))
     fingerprint = {"hparams": asdict(hp), "edits": hashlib.sha256(json.dumps([e.to_json() for e in edits]).encode()).hexdigest(),
                    "base": {n: delta.sha256(t) for n, t in originals.items()},
                    "base_delta": hashlib.sha256(Path(args.base_delta).read_bytes()).hexdigest() if parent is not None else None}
-    partial = partial_dir(out)
     if args.resume:
-        check_resume(partial / "checkpoint.pt", fingerprint)
+        check_resume(partial_dir(out) / "checkpoint.pt", fingerprint)
     lengths = [len(data.encode_edit(tok, e.prompt, e.target)[0]) + prefix for e in edits for _ in range(hp.augment_prefixes + 1)]
-    check_memory(memory_plan(margs, lengths, hp, dtype, devices, args.cache_device), talk)
+    dtype = model_lib.resolve_dtype(args.dtype, margs, devices[0])
+    check_memory(memory_plan(margs, lengths, hp, dtype, devices, args.cache_device), say if rank == 0 else (lambda s: None))
+    return Run(ckpt, out, edits, hp, devices, world, rank, fingerprint, parent)
 
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+def run(args) -> Path | None:
+    r = preflight(args)
+    talk = say if r.rank == 0 else (lambda line: None)  # under torchrun, process 0 alone prints and writes
+    if r.world > 1:
+        dist.init_process_group("nccl" if r.devices[0].startswith("cuda") else "gloo")
         dist.barrier()  # every process has checked the paths before process 0 creates one
-    if rank == 0:
+    partial = partial_dir(r.out)
+    if r.rank == 0:
         if partial.exists() and not args.resume:  # --overwrite: start over
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
-    model, tok = model_lib.load(ckpt, device=devices, dtype=args.dtype)
+    model, tok = model_lib.load(r.ckpt, device=r.devices, dtype=args.dtype)
     earlier = {}
-    if parent is not None:  # lifelong: this run starts where the earlier delta left the model
+    if r.parent is not None:  # lifelong: this run starts where the earlier delta left the model
         delta.apply(model, args.base_delta)
         earlier = delta.tensors(args.base_delta)
-    talk(f"editing {len(edits)} edits into {', '.join(names)} ({hp.pipeline}, lr {hp.lr:g}"
-         + (f", {world} processes" if world > 1 else "") + ")")
-    checkpoint = Checkpoint(partial / "checkpoint.pt", fingerprint)
+    names = list(select_params(model, r.hp.layer, r.hp.module))
+    talk(f"editing {len(r.edits)} edits into {', '.join(names)} ({r.hp.pipeline}, lr {r.hp.lr:g}"
+         + (f", {r.world} processes" if r.world > 1 else "") + ")")
+    checkpoint = Checkpoint(partial / "checkpoint.pt", r.fingerprint)
     try:
-        trained, log = edit(model, tok, edits, hp, args.cache_device, talk, checkpoint)
+        trained, log = edit(model, tok, r.edits, r.hp, args.cache_device, talk, checkpoint)
     except KeyboardInterrupt:
         if checkpoint.path.exists():
             raise Interrupted(f"interrupted; --resume continues from the state in {partial}") from None
@@ -693,36 +709,37 @@ def run(args) -> Path | None:
     except EditError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if rank != 0:
+    if r.rank != 0:
         return None
 
-    meta = {"format": "pt", "layer": str(layer), "module": hp.module, "n_edits": str(len(edits)),
-            "seed": str(hp.seed), "hparams": json.dumps(log["hparams"]), "base_ckpt": str(ckpt.resolve()),
+    meta = {"format": "pt", "layer": str(r.hp.layer), "module": r.hp.module, "n_edits": str(len(r.edits)),
+            "seed": str(r.hp.seed), "hparams": json.dumps(log["hparams"]), "base_ckpt": str(r.ckpt.resolve()),
             "torch_version": torch.__version__, "locft_version": __version__}
-    if parent is not None:
-        meta.update(parent=str(Path(args.base_delta).resolve()), parent_sha256=fingerprint["base_delta"],
-                    parent_n_edits=parent.get("n_edits", "?"))
+    if r.parent is not None:
+        meta.update(parent=str(Path(args.base_delta).resolve()), parent_sha256=r.fingerprint["base_delta"],
+                    parent_n_edits=r.parent.get("n_edits", "?"))
     if args.cumulative:
-        meta["cumulative_of"] = json.dumps([str(Path(r).resolve()) for r in args.cumulative])
+        meta["cumulative_of"] = json.dumps([str(Path(d).resolve()) for d in args.cumulative])
+    changed = {**earlier, **trained}  # with --base-delta, the parent's tensors too: it applies to the original base
 
     def write_out(d: Path):
-        delta.save(d / "delta.safetensors", ckpt, {**earlier, **trained}, meta)  # applies to the original base
+        delta.save(d / "delta.safetensors", r.ckpt, changed, meta)
         with open(d / "edits.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in edits)
+            f.writelines(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in r.edits)
         (d / "train_log.json").write_text(json.dumps(log, indent=1))
 
-    atomic_dir(out, write_out, args.overwrite)
+    atomic_dir(r.out, write_out, args.overwrite)
     shutil.rmtree(partial)
     if args.export:
-        atomic_dir(Path(args.export), lambda d: delta.export(ckpt, d, {**earlier, **trained}), args.overwrite)
-    say(f"done: {len(edits)} edits, {log['epochs_run']} epochs, final loss {log['final_loss']:.4f}, "
-        f"{log['seconds']:.1f}s -> {out}" + (f" (export: {args.export})" if args.export else ""))
+        atomic_dir(Path(args.export), lambda d: delta.export(r.ckpt, d, changed), args.overwrite)
+    say(f"done: {len(r.edits)} edits, {log['epochs_run']} epochs, final loss {log['final_loss']:.4f}, "
+        f"{log['seconds']:.1f}s -> {r.out}" + (f" (export: {args.export})" if args.export else ""))
     if args.eval:  # the model holds the weights before this run: evaluate them, then the trained tensors
         tasks = capability.resolve(args.capability) if args.capability else ()
-        report = evaluate.measure(model, tok, edits, None, trained, tasks, args.limit, say=say)
+        report = evaluate.measure(model, tok, r.edits, None, trained, tasks, args.limit, say=say)
         evaluate.print_report(report)
-        evaluate.write_report(report, out / "eval.json")
-    return out
+        evaluate.write_report(report, r.out / "eval.json")
+    return r.out
 
 
 def main(argv=None) -> int:
