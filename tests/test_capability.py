@@ -301,3 +301,19 @@ def test_evaluate_cli_bad_capability_input(tiny, tmp_path, flags, message):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--capability", "small"], "--capability and --limit act with --eval only"),
+    (["--eval", "--capability", "nq,wmt16"], "unknown task 'wmt16'"),
+    (["--eval", "--capability", "sst2", "--limit", "0"], "--limit must be at least 1"),
+])
+def test_edit_cli_bad_capability_input(tiny, tmp_path, flags, message):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "edit.py"), "--ckpt", str(tiny[0]), "--edits",
+                        str(ROOT / "data" / "demo_edits.json"), "--out", str(out), *flags],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], r.stderr
+    assert not out.exists()
