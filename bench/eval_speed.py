@@ -1,6 +1,6 @@
 """Greedy evaluation decoding: generate.greedy against transformers' generate.
 
-    python bench/eval_speed.py [--ckpt weights/smollm2-135m] [--edits ../shared/data/zsre_2k.json] [--n 100] [--repeat 2] [--threads T]
+    python bench/eval_speed.py [--ckpt weights/smollm2-135m] [--edits zsre_2k.json] [--n 100] [--repeat 2] [--threads T]
 
 The prompts are those of the first n edits (edit prompt, rephrases, locality prompts). Both
 sides decode the same token ids, prefilled in the same length-sorted batches, left-padded,

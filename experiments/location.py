@@ -56,7 +56,7 @@ def main(argv=None):
     for layer in layers:
         for module in MODULES:
             path = cells_dir / f"L{layer}-{module}.json"
-            if path.exists():  # done in an earlier run
+            if path.exists():  # a cell finished before: skipped, so the sweep resumes
                 cells[layer, module] = json.loads(path.read_text())
                 continue
             print(f"== layer {layer} {module}", flush=True)
