@@ -70,7 +70,7 @@ def main(argv=None):
              f"`python experiments/{NAME}.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              f"Layer {hp.layer} `{hp.module}`, lr {hp.lr:g}, batch {edit.auto_batch_size(n)}, at most {hp.epochs} epochs; "
              f"held-out text {Path(a.text).name}; capability: {', '.join(tasks)} with --limit {limit} (base model: "
-             + ", ".join(f"{k} {v:.3f}" for k, v in base.items()) + f", held-out perplexity {base['perplexity']:.2f})", "",
+             + ", ".join(f"{k} {v:.3f}" for k, v in base.items() if k != "perplexity") + f", held-out perplexity {base['perplexity']:.2f})", "",
              "| run | " + " | ".join(cols) + " | held-out ppl | KL/token | train s |", "|---" * (len(cols) + 4) + "|"]
     lines += ["| " + " | ".join([r["run"]] + [f"{r[c]:.3f}" for c in cols]
                                + [f"{r['perplexity']:.2f}", f"{r['kl_per_token']:.4f}", f"{r['train_s']:.0f}"]) + " |"

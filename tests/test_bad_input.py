@@ -205,7 +205,9 @@ def test_the_plan_is_printed_before_training(base, tmp_path, capsys):
 def interrupt(script, args, started, tmp_path):
     """Start `script`, send SIGINT once a line starting with `started` is out; (rc, stderr)."""
     p = subprocess.Popen([sys.executable, SCRIPTS[script], *map(str, args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         # a shell's background job starts with SIGINT ignored, and Python then keeps it so
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # progress lines are flushed at once, so they arrive through the pipe while the work goes on
     for line in p.stdout:
         if line.startswith(started):
