@@ -33,7 +33,7 @@ COUNTERFACT ?= counterfact.json
 experiments: install capability
 	$(PY) experiments/bf_vs_df.py --edits $(ZSRE) --limit 10 $(QUICK)
 	$(PY) experiments/batch_size.py --edits $(ZSRE) --limit 10 $(QUICK)
-	$(PY) experiments/location.py --edits $(ZSRE) --n 50 --capability small --limit 10 $(QUICK)
-	$(PY) experiments/n_edits.py --edits $(ZSRE) --limit 10 $(QUICK)
+	$(PY) experiments/location.py --edits $(ZSRE) $(if $(QUICK),,--n 50 --every 6) --capability small --limit 10 $(QUICK)
+	$(PY) experiments/n_edits.py --edits $(ZSRE) $(if $(QUICK),,--ns 100,300,1000) --limit 10 $(QUICK)
 	$(PY) experiments/prefix_aug.py --edits $(COUNTERFACT) --limit 10 $(QUICK)
-	$(PY) experiments/ftpp.py --edits $(COUNTERFACT) --limit 10 $(QUICK)
+	$(PY) experiments/ftpp.py --edits $(COUNTERFACT) $(if $(QUICK),,--n 100) --limit 10 $(QUICK)
