@@ -551,13 +551,7 @@ def memory_plan(margs, lengths: list[int], hp: Hparams, dtype: torch.dtype, devi
     rough bound on one step's activations, which live with the trained layer."""
     shapes = model_lib.parameter_shapes(margs)
     size = torch.finfo(dtype).bits // 8
-    n, k = margs.n_layers, len(devices)
-
-    def device_of(name: str) -> str:
-        if name.startswith("model.layers."):
-            return devices[model_lib.block_of(int(name.split(".")[2]), n, k)]
-        return devices[0] if name.startswith("model.embed_tokens") and not margs.tie_word_embeddings else devices[-1]
-
+    n = margs.n_layers
     trained = sum(math.prod(s) for s in select_params_by_name(shapes, hp.layer, hp.module).values())
     bs = hp.batch_size or auto_batch_size(len(lengths))
     step_tokens = sum(sorted(lengths)[-bs:])  # the longest mini-batch there can be
@@ -566,8 +560,9 @@ def memory_plan(margs, lengths: list[int], hp: Hparams, dtype: torch.dtype, devi
             "trained_and_adam": trained * 4 * 4, "activations": step_tokens * per_token + step_tokens * margs.vocab_size * 8}
     need = {}
     for name, s in shapes.items():
-        need[device_of(name)] = need.get(device_of(name), 0) + math.prod(s) * size
-    edited = devices[model_lib.block_of(hp.layer, n, k)]
+        where = devices[model_lib.placement(name, margs, len(devices))]
+        need[where] = need.get(where, 0) + math.prod(s) * size
+    edited = devices[model_lib.block_of(hp.layer, n, len(devices))]
     need[edited] += plan["trained_and_adam"] + plan["activations"]
     cache = cache_device or edited
     need[cache] = need.get(cache, 0) + plan["prefix_cache"]  # "cpu" or "disk" when asked for

@@ -344,6 +344,17 @@ def block_of(layer: int, n_layers: int, n_devices: int) -> int:
     return layer * n_devices // n_layers
 
 
+def placement(name: str, args: ModelArgs, n_devices: int) -> int:
+    """Which of `n_devices` holds the parameter or module `name`: the layers in contiguous blocks,
+    the embedding with the first block (with the last when it is tied to the LM head), the final
+    norm and the LM head with the last. `Transformer.place` and the memory plan both follow it."""
+    if name.startswith("model.layers."):
+        return block_of(int(name.split(".")[2]), args.n_layers, n_devices)
+    if name.startswith("model.embed_tokens") and not args.tie_word_embeddings:
+        return 0
+    return n_devices - 1
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -486,11 +497,10 @@ class Transformer(nn.Module):
         contiguous blocks, the embedding with the first block, the final norm and the LM head with
         the last (and the embedding there too when it is tied to the head). `forward_from` moves
         the hidden states from block to block; each layer's device is where its weights are."""
-        for i, layer in enumerate(self.layers):
-            layer.to_empty(device=devices[block_of(i, self.args.n_layers, len(devices))])
-        self.model.norm.to_empty(device=devices[-1])
-        self.lm_head.to_empty(device=devices[-1])
-        self.model.embed_tokens.to_empty(device=devices[-1] if self.args.tie_word_embeddings else devices[0])
+        parts = [(f"model.layers.{i}", layer) for i, layer in enumerate(self.layers)]
+        parts += [("model.norm", self.model.norm), ("lm_head", self.lm_head), ("model.embed_tokens", self.model.embed_tokens)]
+        for name, module in parts:
+            module.to_empty(device=devices[placement(name, self.args, len(devices))])
         if self.args.tie_word_embeddings:  # to_empty makes a new tensor for each; tie them again
             self.lm_head.weight = self.model.embed_tokens.weight
         return self
