@@ -26,6 +26,7 @@ import data  # noqa: E402
 import edit  # noqa: E402
 import evaluate  # noqa: E402
 import model as model_lib  # noqa: E402
+import preflight  # noqa: E402
 
 ZSRE = "an edit file (ZsRE in the LocFT authors' layout, ...)"
 # What most tables show, edited model first; a figure the run did not measure is left out.
@@ -93,7 +94,7 @@ def setup(a, n: int, limit: int, text: str | None = None):
     """The lab, the first n edits of --edits (a random n with --seed), edit.py's defaults at --layer."""
     lab = load(a, limit, text)
     edits = data.load_edits(a.edits, n=n, seed=a.seed)
-    return lab, edits, edit.Hparams(layer=edit.resolve_layer(a.layer, lab.model.args.n_layers))
+    return lab, edits, edit.Hparams(layer=preflight.resolve_layer(a.layer, lab.model.args.n_layers))
 
 
 def show(row: dict) -> dict:

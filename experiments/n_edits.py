@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
 import edit  # noqa: E402
+import preflight  # noqa: E402
 from experiments import common  # noqa: E402
 
 NAME = "n_edits"
@@ -26,7 +27,7 @@ def main(argv=None):
     a, _, limit = common.parse(p, argv, n=None)
     ns = [int(x) for x in (a.ns or ("20,50" if a.quick else "100,300,1000,2000")).split(",")]
     lab = common.load(a, limit)
-    hp = edit.Hparams(layer=edit.resolve_layer(a.layer, lab.model.args.n_layers))
+    hp = edit.Hparams(layer=preflight.resolve_layer(a.layer, lab.model.args.n_layers))
     setting = f"Layer {hp.layer} `{hp.module}`, lr {hp.lr:g}, batch min(100, ceil(n/10)), at most {hp.epochs} epochs"
     rows = []
     for n in ns:
