@@ -119,7 +119,7 @@ def test_prefix_cache_on_disk_equals_in_memory_and_the_plan_is_exact(ckpt):
         preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], None)["activations"]
 
 
-def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path):
+def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path, one_thread):
     first = write_edits(tmp_path / "a.jsonl", random_edits(6, seed=11))
     second = write_edits(tmp_path / "b.jsonl", random_edits(5, seed=12))
     common = ["--ckpt", ckpt, "--layer", "2", "--epochs", "2"]
@@ -144,8 +144,17 @@ def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path):
     r = run_cli(*common, "--edits", second, "--cumulative", tmp_path / "one", "--out", tmp_path / "all")
     assert r.returncode == 0, r.stderr
     assert "editing 11 edits" in r.stdout
+    both = data.load_edits(first) + data.load_edits(second)
     taught = data.load_edits(tmp_path / "all" / "edits.jsonl")
-    assert [e.prompt for e in taught] == [e.prompt for e in data.load_edits(first) + data.load_edits(second)]
+    assert [e.prompt for e in taught] == [e.prompt for e in both]
+    # what training the untouched base on both sets in one run gives (not what continuing from
+    # the first delta would: that differs by the first run's whole change)
+    m, tok = model_lib.load(ckpt)
+    refit, _ = edit.edit(m, tok, both, edit.Hparams(layer=2, epochs=2), say=lambda s: None)
+    got = load_file(str(tmp_path / "all" / "delta.safetensors"))
+    assert got.keys() == refit.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], refit[k], rtol=0, atol=1e-6)
 
 
 def test_layers_over_two_devices_give_the_same_results(ckpt, tmp_path):
