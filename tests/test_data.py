@@ -5,10 +5,19 @@ from pathlib import Path
 import pytest
 
 import data
+import edit
 from data import Edit, EditFileError, augment_prefixes, collate, encode_edit, load_edits
+from tiny import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(d, "llama")
+    return d
 
 
 def write(tmp_path, records, name="edits.json"):
@@ -144,12 +153,19 @@ def test_bad_record_names_file_index_and_field(tmp_path, records, words):
 @pytest.mark.parametrize("content, words", [
     ("", ["not valid JSON"]), ("[]", ["no records"]), ('{"a": 1}', ["expected a list"]), ("[1, 2]", ["record 0"]),
 ])
-def test_bad_files_give_one_line(tmp_path, content, words):
+def test_bad_files_give_one_line(tmp_path, tiny_ckpt, capsys, content, words):
     p = tmp_path / "bad.json"
     p.write_text(content)
     with pytest.raises(EditFileError) as err:
         load_edits(p)
+    assert str(p) in str(err.value) and "\n" not in str(err.value)
     assert all(w in str(err.value) for w in words)
+    # through the command line: exit status 2, one line on stderr naming the file, nothing written
+    rc = edit.main(["--ckpt", str(tiny_ckpt), "--edits", str(p), "--layer", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(f"edit.py: error: edits file {p}") and all(w in err for w in words), err
+    assert [x.name for x in tmp_path.iterdir()] == ["bad.json"] and p.read_text() == content
 
 
 def test_missing_file_and_bad_jsonl_line(tmp_path):
