@@ -106,17 +106,29 @@ def test_demo_edits_load():
     assert len({e.prompt for e in edits}) == len(edits)
 
 
-@pytest.mark.parametrize("name, prompt_key", [("zsre_2k", "src"), ("counterfact_2k", "prompt"),
-                                              ("wikibigedit_2k", "prompt")])
-def test_shared_data_sets_load(name, prompt_key):
-    path = SHARED / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"{path} is not here")
+@pytest.mark.parametrize("name, layout, prompt_key, target_key", [
+    ("zsre", "LocFT / EasyEdit ZsRE", "src", "alt"),
+    ("counterfact", "CounterFact / WikiBigEdit / KnowEdit (prompt, target_new)", "prompt", "target_new"),
+    ("wikibigedit", "CounterFact / WikiBigEdit / KnowEdit (prompt, target_new)", "prompt", "target_new"),
+], ids=["zsre", "counterfact", "wikibigedit"])
+def test_shared_data_sets_load(name, layout, prompt_key, target_key):
+    """The benchmarks' three edit sets, from the few records of each committed in tests/data/
+    (see its README for their source and licence); where the full 2,000-record sets are present
+    (../shared/data, outside the project), the samples must be their first records and every
+    record of the full sets must load."""
+    path = ROOT / "tests" / "data" / f"{name}_sample.json"
+    records = json.loads(path.read_text(encoding="utf-8"))
+    assert data.detect_format(path, records[0])[0] == layout
     edits = load_edits(path)
-    records = json.loads(path.read_text())
-    assert len(edits) == len(records) == 2000
-    assert [e.prompt for e in edits[:50]] == [r[prompt_key] for r in records[:50]]
-    assert all(e.target and e.rephrases and e.locality for e in edits)
+    assert len(edits) == len(records) == 5
+    assert [e.prompt for e in edits] == [r[prompt_key] for r in records]
+    assert [e.target for e in edits] == [r[target_key] for r in records]
+    assert all(e.subject and e.subject in e.prompt and e.rephrases and e.locality for e in edits)
+    full = SHARED / f"{name}_2k.json"
+    if full.exists():
+        full_records = json.loads(full.read_text(encoding="utf-8"))
+        assert full_records[:len(records)] == records
+        assert len(load_edits(full)) == 2000
 
 
 def test_unknown_layout_lists_known_formats_and_keys_seen(tmp_path):
