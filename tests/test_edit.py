@@ -189,6 +189,43 @@ def test_epoch_mean_weighs_each_batch_by_its_size(ckpt, monkeypatch):
     assert weighted != pytest.approx(sum(loss.item() for loss, _ in seen) / 3, rel=1e-6)
 
 
+def target_ce(m, tok, seqs) -> list[torch.Tensor]:
+    """By hand: each (ids, n_prompt) alone through the whole model, cross-entropy at every token
+    after the prompt (the answer and EOS)."""
+    out = []
+    for ids, n in seqs:
+        logits = m(torch.tensor([ids]))[0]
+        out.append(torch.nn.functional.cross_entropy(logits[n - 1:len(ids) - 1], torch.tensor(ids[n:]), reduction="none"))
+    return out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_token_loss_average_is_the_mean_over_every_target_token(ckpt):
+    """--loss-avg token: the mean over every target token of the mini-batch (a 3-token answer
+    weighs three times a 1-token one); the default, the mean per edit and then over the batch.
+    Both the packed path and FT++'s padded one."""
+    assert preflight.parse_args(["--ckpt", "c", "--edits", "e", "--loss-avg", "token"], edit.Hparams()).loss_avg == "token"
+    edits = random_edits(6, seed=6)  # answers of 2 or 3 words plus EOS
+    m, tok = sharp_model(ckpt)
+    learnt, _ = edit.edit(m, tok, edits[5:], edit.Hparams(layer=2, epochs=60, lr=3e-2), say=lambda s: None)
+    m.load_tensors(learnt)  # edit 5 (the short answer) now costs ~0, the others ~20: the averages differ
+    encoded = [data.encode_edit(tok, e.prompt, e.target) for e in edits]
+    cache = data.PrefixCache(m, encoded, tok.pad_id, 1)
+    idx = [4, 0, 5, 2]
+    ce = target_ce(m, tok, [encoded[i] for i in idx])
+    assert len({len(c) for c in ce}) > 1
+    by_token, by_sample = torch.cat(ce).mean(), torch.stack([c.mean() for c in ce]).mean()
+    assert abs(by_token - by_sample) > 0.05 * by_sample
+    torch.testing.assert_close(edit.batch_loss(m, cache, idx, edit.Hparams(layer=1, loss_avg="token")), by_token,
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(edit.batch_loss(m, cache, idx, edit.Hparams(layer=1)), by_sample, rtol=1e-5, atol=0)
+    hp = edit.Hparams(layer=1, loss_avg="token", local_kl=1.0)  # FT++: the answer's term, averaged the same way
+    _, ftpp_cache, reg = edit.prepare(m, tok, edits, hp, say=lambda s: None)
+    h, batch = ftpp_cache.batch(idx, packed=False)
+    reg.loss(m, idx, h, batch, "token")
+    assert reg.epoch_parts()["edit"] == pytest.approx(by_token.item(), rel=1e-5)
+
+
 def test_df_pipeline_trains_each_edit_in_order(ckpt):
     m, tok = sharp_model(ckpt)
     hp = edit.Hparams(layer=2, pipeline="df", lr=1e-2, max_steps=40)
