@@ -226,6 +226,37 @@ def test_token_loss_average_is_the_mean_over_every_target_token(ckpt):
     assert reg.epoch_parts()["edit"] == pytest.approx(by_token.item(), rel=1e-5)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_adamw_with_weight_decay_takes_the_decoupled_step(ckpt, edits_file, tmp_path, capsys):
+    """edit.py --optimizer adamw --weight-decay 0.1, one step (one epoch, one batch): the delta is
+    AdamW's first step from the base on the batch's gradient, written out by hand,
+    W - lr * wd * W - lr * g / (|g| + eps), and what torch.optim.AdamW does with that gradient;
+    Adam's coupled L2 decay would give another tensor."""
+    lr, wd, name = 1e-2, 0.1, "model.layers.2.mlp.down_proj.weight"
+    rc, _ = cli_in_process(capsys, "--ckpt", ckpt, "--edits", edits_file, "--layer", 2, "--epochs", 1,
+                           "--batch-size", 8, "--lr", lr, "--optimizer", "adamw", "--weight-decay", wd,
+                           "--out", tmp_path / "out")
+    assert rc == 0
+    got = delta.tensors(tmp_path / "out" / "delta.safetensors")[name]
+    m, tok = model_lib.load(ckpt)
+    edits = data.load_edits(edits_file)
+    cache = data.PrefixCache(m, [data.encode_edit(tok, e.prompt, e.target) for e in edits], tok.pad_id, 2)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(edit.Hparams.seed)).tolist()  # epoch 1's
+    with edit.trainable_copies(m, [name]) as params:
+        w = params[name]
+        g, = torch.autograd.grad(edit.batch_loss(m, cache, order, edit.Hparams(layer=2)), w)
+        w0 = w.detach().clone()
+    by_hand = w0 - lr * wd * w0 - lr * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(got, by_hand, rtol=0, atol=1e-7)
+    w1 = w0.clone().requires_grad_(True)
+    w1.grad = g
+    opt = torch.optim.AdamW([w1], lr=lr, weight_decay=wd)
+    opt.step()
+    torch.testing.assert_close(got, w1.detach(), rtol=0, atol=1e-7)
+    coupled = w0 - lr * (g + wd * w0) / ((g + wd * w0).abs() + 1e-8)  # Adam with L2 decay in the gradient
+    assert (got - coupled).abs().max() > 1e-3
+
+
 def test_df_pipeline_trains_each_edit_in_order(ckpt):
     m, tok = sharp_model(ckpt)
     hp = edit.Hparams(layer=2, pipeline="df", lr=1e-2, max_steps=40)
