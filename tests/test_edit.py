@@ -257,6 +257,46 @@ def test_adamw_with_weight_decay_takes_the_decoupled_step(ckpt, edits_file, tmp_
     assert (got - coupled).abs().max() > 1e-3
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_augment_prefixes_trains_each_prompt_behind_k_distinct_prefixes(ckpt, monkeypatch):
+    """--augment-prefixes 3: every edit is trained as itself and behind 3 distinct members of
+    data.PREFIXES, drawn per edit and fixed by the seed; every epoch's mini-batches cover all
+    4n sequences once, and the loss is the per-sequence mean over all of them."""
+    # prefixes in the tiny model's words, so each one tokenises to its own ids
+    monkeypatch.setattr(data, "PREFIXES", [f"w{300 + i} w{301 + i} w{302 + i}" for i in range(10)])
+    m, tok = model_lib.load(ckpt)
+    edits, k = random_edits(5, seed=7), 3
+    assert preflight.parse_args(["--ckpt", "c", "--edits", "e", "--augment-prefixes", "3"], edit.Hparams()).augment_prefixes == 3
+
+    def trained_on(seed):
+        seen, real = [], edit.batch_loss
+        monkeypatch.setattr(edit, "batch_loss", lambda *a, **kw: seen.append((a[1], list(a[2]))) or real(*a, **kw))
+        hp = edit.Hparams(layer=1, epochs=2, lr=0.0, batch_size=4, augment_prefixes=k, seed=seed)
+        _, log = edit.edit(m, tok, edits, hp, say=lambda s: None)
+        monkeypatch.setattr(edit, "batch_loss", real)
+        return seen, log
+
+    seen, log = trained_on(seed=0)
+    encoded = seen[0][0].encoded
+    assert log["n_sequences"] == len(encoded) == 5 * (k + 1)
+    prefixes = []  # per edit, the prefixes of its k copies, read back from the token ids
+    for i, e in enumerate(edits):
+        own, *copies = encoded[i * (k + 1):(i + 1) * (k + 1)]
+        assert own == data.encode_edit(tok, e.prompt, e.target)
+        found = [p for c in copies for p in data.PREFIXES if c == data.encode_edit(tok, f"{p} {e.prompt}", e.target)]
+        assert len(found) == k == len(set(found))  # each copy is the prompt behind one prefix; k distinct ones
+        prefixes.append(found)
+    assert len({tuple(sorted(p)) for p in prefixes}) > 1  # drawn per edit, not one set for all
+    for epoch in (0, 1):  # 20 sequences in batches of 4: five steps an epoch, each sequence once
+        steps = [idx for _, idx in seen[epoch * 5:(epoch + 1) * 5]]
+        assert sorted(i for idx in steps for i in idx) == list(range(len(encoded)))
+    by_hand = torch.stack([c.mean() for c in target_ce(m, tok, encoded)]).mean()  # lr 0: every step sees the base
+    assert log["epochs"][0]["mean_loss"] == pytest.approx(by_hand.item(), rel=1e-5)
+    again, _ = trained_on(seed=0)
+    other, _ = trained_on(seed=1)
+    assert again[0][0].encoded == encoded and other[0][0].encoded != encoded
+
+
 def test_df_pipeline_trains_each_edit_in_order(ckpt):
     m, tok = sharp_model(ckpt)
     hp = edit.Hparams(layer=2, pipeline="df", lr=1e-2, max_steps=40)
