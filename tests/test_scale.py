@@ -258,3 +258,36 @@ def test_layers_over_two_devices_give_the_same_results(ckpt, tmp_path, monkeypat
     a, b = (load_file(str(tmp_path / d / "delta.safetensors")) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+@pytest.mark.usefixtures("one_thread")
+def test_prefix_cache_in_host_memory_gives_the_on_device_results(ckpt, tmp_path, capsys, monkeypatch):
+    """--cache-device cpu with the model on another device (B, emulated by TwoDevices): the
+    cache stays in host memory, each mini-batch is copied to B, and the loss is the one an
+    on-device cache gives, bit for bit; on this CPU, training with it gives the same delta."""
+    made = []
+    real = data.PrefixCache
+    monkeypatch.setattr(data, "PrefixCache", lambda *a, **kw: made.append(a[4]) or real(*a, **kw))
+    edits = write_edits(tmp_path / "e.jsonl", random_edits(8, seed=5))
+    assert edit.main(["--ckpt", str(ckpt), "--edits", str(edits), "--layer", "2", "--epochs", "1",
+                      "--cache-device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert made == ["cpu"]  # the flag reaches the cache
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    m, tok = model_lib.load(ckpt)
+    enc = [data.encode_edit(tok, e.prompt, e.target) for e in random_edits(12, seed=2)]
+    idx, hp = [3, 0, 7, 11], edit.Hparams(layer=2)
+    on_b, _ = load_emulated(ckpt, [SECOND], monkeypatch)
+    with TwoDevices():
+        host, device = (data.PrefixCache(on_b, enc, tok.pad_id, 2, d) for d in ("cpu", None))
+        assert host.h.device == torch.device("cpu") and device.h.device == SECOND
+        for packed in (True, False):
+            (h1, b1), (h2, b2) = host.batch(idx, packed), device.batch(idx, packed)
+            assert h1.device == h2.device == SECOND and b1.ids.device == SECOND
+        losses = [edit.batch_loss(on_b, c, idx, hp) for c in (host, device)]
+    assert torch.equal(host.h, device.h) and torch.equal(*losses)
+    assert torch.equal(losses[0], edit.batch_loss(m, data.PrefixCache(m, enc, tok.pad_id, 2), idx, hp))
+    hp = edit.Hparams(layer=2, epochs=3, batch_size=4)
+    a, _ = edit.edit(m, tok, random_edits(12, seed=2), hp, cache_device="cpu", say=lambda s: None)
+    b, _ = edit.edit(m, tok, random_edits(12, seed=2), hp, say=lambda s: None)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
