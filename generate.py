@@ -88,7 +88,8 @@ class Rows:
         sel = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         for c in self.cache:  # each layer's K/V live on that layer's device
             c.k, c.v = c.k[sel.to(c.k.device)], c.v[sel.to(c.v.device)]
-        self.mask, self.nxt, self.index = self.mask[sel], self.nxt[sel], [self.index[j] for j in rows]
+        # nxt comes from the LM head, on the last device: select there (a CUDA index must be local)
+        self.mask, self.nxt, self.index = self.mask[sel], self.nxt[sel.to(self.nxt.device)], [self.index[j] for j in rows]
 
 
 def merge(parts: list[Rows], room: int) -> Rows:

@@ -5,6 +5,7 @@ The documents are written here, a few per task in each data set's own fields, so
 neither the capability data (make capability) nor a network.
 """
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -246,22 +247,37 @@ def test_paired_interval():
 
 
 def test_before_after_one_model(tiny, tmp_path):
-    """Base and edited runs on one model; identical weights give identical scores, the model is
-    left holding the edited tensors."""
+    """Base and edited runs on one model: each column is what its own weights score item by item
+    (capability.run with the weights loaded by hand), the edit here changes some answers so a
+    column computed from the wrong weights shows, identical weights give a change of 0, and the
+    model is left holding the edited tensors."""
     _, model, tok = tiny
-    (tmp_path / "winogrande.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS["winogrande"]))
+    rng = random.Random(0)  # PIQA-shaped documents in the tiny model's vocabulary, so answers vary
+    words = lambda n: " ".join(f"w{rng.randrange(3, 320)}" for _ in range(n))  # noqa: E731
+    docs = [{"goal": words(4), "sol1": words(3), "sol2": words(3), "label": rng.randrange(2)} for _ in range(8)]
+    (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     name = "model.layers.1.mlp.down_proj.weight"
     w = dict(model.named_parameters())[name]
     original = w.detach().clone()
     edited = {name: original + 0.5}
-    rep = C.before_after(model, tok, ["winogrande"], None, edited, data_dir=tmp_path, say=lambda *_: None)
-    assert torch.equal(w, edited[name])
-    cell = rep["tasks"]["winogrande"]["metrics"]["acc"]
-    assert rep["tasks"]["winogrande"]["n"] == 2
-    assert set(cell) == {"base", "edited", "change", "ci95", "verdict"}
+    expected = {}
+    for label, t in (("base", original), ("edited", edited[name])):
+        model.load_tensors({name: t})
+        expected[label] = C.run(model, tok, C.TASKS["piqa"], docs)["acc"]
     model.load_tensors({name: original})
-    same = C.before_after(model, tok, ["winogrande"], None, {name: original}, data_dir=tmp_path, say=lambda *_: None)
-    assert same["tasks"]["winogrande"]["metrics"]["acc"]["change"] == 0
+    assert expected["base"] != expected["edited"]  # 3 of 8 right before, 5 after
+
+    rep = C.before_after(model, tok, ["piqa"], None, edited, data_dir=tmp_path, say=lambda *_: None)
+    assert torch.equal(w, edited[name])
+    cell = rep["tasks"]["piqa"]["metrics"]["acc"]
+    assert rep["tasks"]["piqa"]["n"] == 8
+    assert set(cell) == {"base", "edited", "change", "ci95", "verdict"}
+    assert cell["base"] == np.mean(expected["base"]) and cell["edited"] == np.mean(expected["edited"])
+    assert cell["change"] == pytest.approx(np.mean(expected["edited"]) - np.mean(expected["base"]))
+    model.load_tensors({name: original})
+    same = C.before_after(model, tok, ["piqa"], None, {name: original}, data_dir=tmp_path, say=lambda *_: None)
+    assert same["tasks"]["piqa"]["metrics"]["acc"]["change"] == 0
+    assert same["tasks"]["piqa"]["metrics"]["acc"]["edited"] == np.mean(expected["base"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import gzip
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -40,21 +41,44 @@ def test_request_documents_back_to_their_fields(tmp_path):
     assert convert.lambada(tmp_path) == [{"text": "He drank the milk"}]
 
 
-def test_arrow_split_and_atomic_rerun(tmp_path):
+def test_arrow_split_and_atomic_rerun(tmp_path, monkeypatch):
     pa = pytest.importorskip("pyarrow")
     folder = tmp_path / convert.SOURCES["sst2"][0]
     folder.mkdir(parents=True)
-    table = pa.table({"sentence": ["good . ", "bad . "], "label": [1, 0], "idx": [0, 1]})
+    rows = [{"sentence": "good . ", "label": 1, "idx": 0}, {"sentence": "bad . ", "label": 0, "idx": 1}]
+    table = pa.Table.from_pylist(rows)
     with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
         w.write_table(table)
     (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
-    assert convert.hf_split("sst2")(tmp_path) == [{"sentence": "good . ", "label": 1, "idx": 0},
-                                                  {"sentence": "bad . ", "label": 0, "idx": 1}]
+    assert convert.hf_split("sst2")(tmp_path) == rows
     out = tmp_path / "out"
     out.mkdir()
     (out / "sst2.jsonl").write_text("kept\n")  # a file that exists is complete: a re-run leaves it
     convert.convert(out, ["sst2"])
     assert (out / "sst2.jsonl").read_text() == "kept\n" and not list(out.glob(".*tmp"))
+
+    # a missing file is written under a temporary name and renamed once complete: a run
+    # interrupted after its first line leaves neither a partial file nor the temporary one
+    monkeypatch.setattr(convert, "package_root", lambda: tmp_path)  # the package tree made above
+    monkeypatch.setattr(convert.importlib.metadata, "version", lambda name: "0.9.0")
+    monkeypatch.setitem(convert.SOURCES, "sst2", (*convert.SOURCES["sst2"][:2], len(rows)))
+    dumped = []
+
+    def dumps_then_interrupt(obj, **kw):
+        if dumped:
+            raise KeyboardInterrupt
+        dumped.append(obj)
+        return json.dumps(obj, **kw)
+
+    monkeypatch.setattr(convert, "json", SimpleNamespace(loads=json.loads, dumps=dumps_then_interrupt))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(fresh, ["sst2"])
+    assert dumped == rows[:1] and list(fresh.iterdir()) == []
+    monkeypatch.setattr(convert, "json", json)
+    convert.convert(fresh, ["sst2"])  # the re-run makes it whole
+    assert [json.loads(line) for line in (fresh / "sst2.jsonl").read_text().splitlines()] == rows
+    assert sorted(p.name for p in fresh.iterdir()) == ["SOURCE.txt", "sst2.jsonl"]
 
 
 def test_unknown_task_is_one_line_exit_2(capsys):

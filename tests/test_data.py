@@ -5,10 +5,19 @@ from pathlib import Path
 import pytest
 
 import data
+import edit
 from data import Edit, EditFileError, augment_prefixes, collate, encode_edit, load_edits
+from tiny import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(d, "llama")
+    return d
 
 
 def write(tmp_path, records, name="edits.json"):
@@ -97,17 +106,29 @@ def test_demo_edits_load():
     assert len({e.prompt for e in edits}) == len(edits)
 
 
-@pytest.mark.parametrize("name, prompt_key", [("zsre_2k", "src"), ("counterfact_2k", "prompt"),
-                                              ("wikibigedit_2k", "prompt")])
-def test_shared_data_sets_load(name, prompt_key):
-    path = SHARED / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"{path} is not here")
+@pytest.mark.parametrize("name, layout, prompt_key, target_key", [
+    ("zsre", "LocFT / EasyEdit ZsRE", "src", "alt"),
+    ("counterfact", "CounterFact / WikiBigEdit / KnowEdit (prompt, target_new)", "prompt", "target_new"),
+    ("wikibigedit", "CounterFact / WikiBigEdit / KnowEdit (prompt, target_new)", "prompt", "target_new"),
+], ids=["zsre", "counterfact", "wikibigedit"])
+def test_shared_data_sets_load(name, layout, prompt_key, target_key):
+    """The benchmarks' three edit sets, from the few records of each committed in tests/data/
+    (see its README for their source and licence); where the full 2,000-record sets are present
+    (../shared/data, outside the project), the samples must be their first records and every
+    record of the full sets must load."""
+    path = ROOT / "tests" / "data" / f"{name}_sample.json"
+    records = json.loads(path.read_text(encoding="utf-8"))
+    assert data.detect_format(path, records[0])[0] == layout
     edits = load_edits(path)
-    records = json.loads(path.read_text())
-    assert len(edits) == len(records) == 2000
-    assert [e.prompt for e in edits[:50]] == [r[prompt_key] for r in records[:50]]
-    assert all(e.target and e.rephrases and e.locality for e in edits)
+    assert len(edits) == len(records) == 5
+    assert [e.prompt for e in edits] == [r[prompt_key] for r in records]
+    assert [e.target for e in edits] == [r[target_key] for r in records]
+    assert all(e.subject and e.subject in e.prompt and e.rephrases and e.locality for e in edits)
+    full = SHARED / f"{name}_2k.json"
+    if full.exists():
+        full_records = json.loads(full.read_text(encoding="utf-8"))
+        assert full_records[:len(records)] == records
+        assert len(load_edits(full)) == 2000
 
 
 def test_unknown_layout_lists_known_formats_and_keys_seen(tmp_path):
@@ -144,12 +165,19 @@ def test_bad_record_names_file_index_and_field(tmp_path, records, words):
 @pytest.mark.parametrize("content, words", [
     ("", ["not valid JSON"]), ("[]", ["no records"]), ('{"a": 1}', ["expected a list"]), ("[1, 2]", ["record 0"]),
 ])
-def test_bad_files_give_one_line(tmp_path, content, words):
+def test_bad_files_give_one_line(tmp_path, tiny_ckpt, capsys, content, words):
     p = tmp_path / "bad.json"
     p.write_text(content)
     with pytest.raises(EditFileError) as err:
         load_edits(p)
+    assert str(p) in str(err.value) and "\n" not in str(err.value)
     assert all(w in str(err.value) for w in words)
+    # through the command line: exit status 2, one line on stderr naming the file, nothing written
+    rc = edit.main(["--ckpt", str(tiny_ckpt), "--edits", str(p), "--layer", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(f"edit.py: error: edits file {p}") and all(w in err for w in words), err
+    assert [x.name for x in tmp_path.iterdir()] == ["bad.json"] and p.read_text() == content
 
 
 def test_missing_file_and_bad_jsonl_line(tmp_path):

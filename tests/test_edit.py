@@ -189,6 +189,114 @@ def test_epoch_mean_weighs_each_batch_by_its_size(ckpt, monkeypatch):
     assert weighted != pytest.approx(sum(loss.item() for loss, _ in seen) / 3, rel=1e-6)
 
 
+def target_ce(m, tok, seqs) -> list[torch.Tensor]:
+    """By hand: each (ids, n_prompt) alone through the whole model, cross-entropy at every token
+    after the prompt (the answer and EOS)."""
+    out = []
+    for ids, n in seqs:
+        logits = m(torch.tensor([ids]))[0]
+        out.append(torch.nn.functional.cross_entropy(logits[n - 1:len(ids) - 1], torch.tensor(ids[n:]), reduction="none"))
+    return out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_token_loss_average_is_the_mean_over_every_target_token(ckpt):
+    """--loss-avg token: the mean over every target token of the mini-batch (a 3-token answer
+    weighs three times a 1-token one); the default, the mean per edit and then over the batch.
+    Both the packed path and FT++'s padded one."""
+    assert preflight.parse_args(["--ckpt", "c", "--edits", "e", "--loss-avg", "token"], edit.Hparams()).loss_avg == "token"
+    edits = random_edits(6, seed=6)  # answers of 2 or 3 words plus EOS
+    m, tok = sharp_model(ckpt)
+    learnt, _ = edit.edit(m, tok, edits[5:], edit.Hparams(layer=2, epochs=60, lr=3e-2), say=lambda s: None)
+    m.load_tensors(learnt)  # edit 5 (the short answer) now costs ~0, the others ~20: the averages differ
+    encoded = [data.encode_edit(tok, e.prompt, e.target) for e in edits]
+    cache = data.PrefixCache(m, encoded, tok.pad_id, 1)
+    idx = [4, 0, 5, 2]
+    ce = target_ce(m, tok, [encoded[i] for i in idx])
+    assert len({len(c) for c in ce}) > 1
+    by_token, by_sample = torch.cat(ce).mean(), torch.stack([c.mean() for c in ce]).mean()
+    assert abs(by_token - by_sample) > 0.05 * by_sample
+    torch.testing.assert_close(edit.batch_loss(m, cache, idx, edit.Hparams(layer=1, loss_avg="token")), by_token,
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(edit.batch_loss(m, cache, idx, edit.Hparams(layer=1)), by_sample, rtol=1e-5, atol=0)
+    hp = edit.Hparams(layer=1, loss_avg="token", local_kl=1.0)  # FT++: the answer's term, averaged the same way
+    _, ftpp_cache, reg = edit.prepare(m, tok, edits, hp, say=lambda s: None)
+    h, batch = ftpp_cache.batch(idx, packed=False)
+    reg.loss(m, idx, h, batch, "token")
+    assert reg.epoch_parts()["edit"] == pytest.approx(by_token.item(), rel=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_adamw_with_weight_decay_takes_the_decoupled_step(ckpt, edits_file, tmp_path, capsys):
+    """edit.py --optimizer adamw --weight-decay 0.1, one step (one epoch, one batch): the delta is
+    AdamW's first step from the base on the batch's gradient, written out by hand,
+    W - lr * wd * W - lr * g / (|g| + eps), and what torch.optim.AdamW does with that gradient;
+    Adam's coupled L2 decay would give another tensor."""
+    lr, wd, name = 1e-2, 0.1, "model.layers.2.mlp.down_proj.weight"
+    rc, _ = cli_in_process(capsys, "--ckpt", ckpt, "--edits", edits_file, "--layer", 2, "--epochs", 1,
+                           "--batch-size", 8, "--lr", lr, "--optimizer", "adamw", "--weight-decay", wd,
+                           "--out", tmp_path / "out")
+    assert rc == 0
+    got = delta.tensors(tmp_path / "out" / "delta.safetensors")[name]
+    m, tok = model_lib.load(ckpt)
+    edits = data.load_edits(edits_file)
+    cache = data.PrefixCache(m, [data.encode_edit(tok, e.prompt, e.target) for e in edits], tok.pad_id, 2)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(edit.Hparams.seed)).tolist()  # epoch 1's
+    with edit.trainable_copies(m, [name]) as params:
+        w = params[name]
+        g, = torch.autograd.grad(edit.batch_loss(m, cache, order, edit.Hparams(layer=2)), w)
+        w0 = w.detach().clone()
+    by_hand = w0 - lr * wd * w0 - lr * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(got, by_hand, rtol=0, atol=1e-7)
+    w1 = w0.clone().requires_grad_(True)
+    w1.grad = g
+    opt = torch.optim.AdamW([w1], lr=lr, weight_decay=wd)
+    opt.step()
+    torch.testing.assert_close(got, w1.detach(), rtol=0, atol=1e-7)
+    coupled = w0 - lr * (g + wd * w0) / ((g + wd * w0).abs() + 1e-8)  # Adam with L2 decay in the gradient
+    assert (got - coupled).abs().max() > 1e-3
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_augment_prefixes_trains_each_prompt_behind_k_distinct_prefixes(ckpt, monkeypatch):
+    """--augment-prefixes 3: every edit is trained as itself and behind 3 distinct members of
+    data.PREFIXES, drawn per edit and fixed by the seed; every epoch's mini-batches cover all
+    4n sequences once, and the loss is the per-sequence mean over all of them."""
+    # prefixes in the tiny model's words, so each one tokenises to its own ids
+    monkeypatch.setattr(data, "PREFIXES", [f"w{300 + i} w{301 + i} w{302 + i}" for i in range(10)])
+    m, tok = model_lib.load(ckpt)
+    edits, k = random_edits(5, seed=7), 3
+    assert preflight.parse_args(["--ckpt", "c", "--edits", "e", "--augment-prefixes", "3"], edit.Hparams()).augment_prefixes == 3
+
+    def trained_on(seed):
+        seen, real = [], edit.batch_loss
+        monkeypatch.setattr(edit, "batch_loss", lambda *a, **kw: seen.append((a[1], list(a[2]))) or real(*a, **kw))
+        hp = edit.Hparams(layer=1, epochs=2, lr=0.0, batch_size=4, augment_prefixes=k, seed=seed)
+        _, log = edit.edit(m, tok, edits, hp, say=lambda s: None)
+        monkeypatch.setattr(edit, "batch_loss", real)
+        return seen, log
+
+    seen, log = trained_on(seed=0)
+    encoded = seen[0][0].encoded
+    assert log["n_sequences"] == len(encoded) == 5 * (k + 1)
+    prefixes = []  # per edit, the prefixes of its k copies, read back from the token ids
+    for i, e in enumerate(edits):
+        own, *copies = encoded[i * (k + 1):(i + 1) * (k + 1)]
+        assert own == data.encode_edit(tok, e.prompt, e.target)
+        found = [p for c in copies for p in data.PREFIXES if c == data.encode_edit(tok, f"{p} {e.prompt}", e.target)]
+        assert len(found) == k == len(set(found))  # each copy is the prompt behind one prefix; k distinct ones
+        prefixes.append(found)
+    assert len({tuple(sorted(p)) for p in prefixes}) > 1  # drawn per edit, not one set for all
+    for epoch in (0, 1):  # 20 sequences in batches of 4: five steps an epoch, each sequence once
+        steps = [idx for _, idx in seen[epoch * 5:(epoch + 1) * 5]]
+        assert sorted(i for idx in steps for i in idx) == list(range(len(encoded)))
+    by_hand = torch.stack([c.mean() for c in target_ce(m, tok, encoded)]).mean()  # lr 0: every step sees the base
+    assert log["epochs"][0]["mean_loss"] == pytest.approx(by_hand.item(), rel=1e-5)
+    again, _ = trained_on(seed=0)
+    other, _ = trained_on(seed=1)
+    assert again[0][0].encoded == encoded and other[0][0].encoded != encoded
+
+
 def test_df_pipeline_trains_each_edit_in_order(ckpt):
     m, tok = sharp_model(ckpt)
     hp = edit.Hparams(layer=2, pipeline="df", lr=1e-2, max_steps=40)

@@ -263,9 +263,13 @@ def test_cli_before_after_writes_report(tmp_path):
     assert "edited" not in json.loads((tmp_path / "base.json").read_text())["metrics"]["reliability (greedy EM)"]
 
 
-@pytest.mark.parametrize("how, words", [("no-edits", "does not exist"), ("bad-ckpt", "hidden_size"),
-                                        ("bad-delta", "delta")])
-def test_cli_bad_input_gives_one_line(tmp_path, how, words):
+@pytest.mark.parametrize("how, names, words", [("no-edits", "{t}/nope.json", "does not exist"),
+                                               ("bad-ckpt", "{t}/ckpt/config.json", "hidden_size"),
+                                               ("bad-delta", "{t}/d.safetensors", "delta")],
+                         ids=["no-edits", "bad-ckpt", "bad-delta"])
+def test_cli_bad_input_gives_one_line(tmp_path, how, names, words):
+    """Exit status 2, exactly one line on stderr (ending in a newline) naming the file and the
+    problem, and nothing written: no report, every input as it was."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"model_type": "llama"}) if how == "bad-ckpt" else "{}")
@@ -273,14 +277,18 @@ def test_cli_bad_input_gives_one_line(tmp_path, how, words):
     edits.write_text(json.dumps([{"prompt": "w5", "target": "w6"}]))
     if how != "bad-ckpt":
         make_checkpoint(ckpt, "llama")
-    args = ["--ckpt", ckpt, "--edits", edits if how != "no-edits" else tmp_path / "nope.json"]
+    args = ["--ckpt", ckpt, "--edits", edits if how != "no-edits" else tmp_path / "nope.json",
+            "--out", tmp_path / "report.json"]
     if how == "bad-delta":
         (tmp_path / "d.safetensors").write_bytes(b"not a safetensors file")
         args += ["--delta", tmp_path / "d.safetensors"]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     r = run_cli(*args)
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error:") and words in lines[0], r.stderr
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.endswith("\n"), r.stderr
+    assert r.stderr.startswith("evaluate.py: error:") and words in r.stderr, r.stderr
+    assert names.format(t=tmp_path) in r.stderr, r.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no report.json either
 
 
 def bf16_checkpoint(d):

@@ -1,17 +1,40 @@
 """experiments/: each script runs end to end on a tiny random model and writes its table, its
-data and its plot (the figures themselves are not checked: they come from real runs)."""
+data and its plot. The figures are checked against what the library gives when asked directly:
+the unedited model's capability, and one configuration of each script trained again here and
+scored by a plain greedy loop; the table shows what the JSON holds."""
 import importlib.util
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+import capability as C
+import data
+import edit
+import model as model_lib
+from evaluate import exact_match
+from generate import EDIT_STOP, MAX_NEW_TOKENS, cut_at_stop
 from test_capability import DOCS
 from tiny import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = "sst2,mmlu,arc_easy,piqa"  # two of the paper's set and two of the small set: both averages
+AVERAGES = {"Cap": ["sst2", "mmlu"], "small": ["arc_easy", "piqa"]}
+LIMIT = 2
+
+
+def tiny_vocab_docs(rng) -> dict:
+    """ARC-Easy and PIQA documents in the tiny model's words, so its answers depend on its weights
+    (the English documents of test_capability tokenise to one unknown id; SST-2's and MMLU's
+    answer words do too, so those two keep them)."""
+    w = lambda n: " ".join(f"w{rng.randrange(3, 320)}" for _ in range(n))  # noqa: E731
+    return {"arc_easy": [{"id": f"t{i}", "question": w(4), "choices": {"text": [w(2), w(2), w(2)],
+                          "label": ["A", "B", "C"]}, "answerKey": rng.choice("ABC")} for i in range(LIMIT)],
+            "piqa": [{"goal": w(4), "sol1": w(3), "sol2": w(3), "label": rng.randrange(2)} for _ in range(LIMIT)]}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +47,9 @@ def setup(tmp_path_factory):
                 "rephrases": [f"{w()} {w()}"], "locality": [[f"{w()} {w()}", w()]]} for _ in range(24)]
     (d / "edits.json").write_text(json.dumps(records))
     (d / "cap").mkdir()
+    docs = {**DOCS, **tiny_vocab_docs(rng)}
     for task in TASKS.split(","):
-        (d / "cap" / f"{task}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in DOCS[task]))
+        (d / "cap" / f"{task}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs[task]))
     return d
 
 
@@ -36,26 +60,102 @@ def script(name):
     return module
 
 
+def capability_averages(model, tok, cap_dir) -> dict:
+    """Each average of the primary metrics, from capability.run on the model as it is."""
+    score = {t: np.mean(C.run(model, tok, C.TASKS[t], C.load_docs(t, LIMIT, cap_dir))[C.TASKS[t].primary])
+             for t in TASKS.split(",")}
+    return {name: float(np.mean([score[t] for t in members])) for name, members in AVERAGES.items()}
+
+
+@torch.no_grad()
+def greedy(model, tok, prompt: str) -> list[int]:
+    """The new token ids of a plain greedy loop: one prompt, no cache, no batching, stopping at
+    EOS or once the new text holds "." or a newline (the authors' protocol)."""
+    ids, new = tok.encode(prompt), []
+    while len(new) < MAX_NEW_TOKENS:
+        new.append(int(model(torch.tensor([ids + new]))[0, -1].argmax()))
+        if new[-1] == tok.eos_id or any(s in tok.decode(new) for s in EDIT_STOP):
+            break
+    return new
+
+
+def greedy_em(model, tok, pairs) -> float:
+    """The share of (prompt, target) whose greedy answer is the target."""
+    return float(np.mean([exact_match(cut_at_stop(tok.decode(greedy(model, tok, p))), t) for p, t in pairs]))
+
+
+@torch.no_grad()
+def argmax_along(model, ids: list[int], n_prompt: int) -> torch.Tensor:
+    """The model's argmax at each position after the prompt, given the tokens before it."""
+    return model(torch.tensor([ids]))[0, n_prompt - 1:len(ids) - 1].argmax(-1)
+
+
+def table_cells(table: str) -> list[dict]:
+    """The markdown table's rows as {header: cell}."""
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
+
+
+# name, its own flags, one of its rows (by its identifying fields) and how that row was trained
+CHECKED = {
+    "bf_vs_df": (["--n", "6"], {"run": "depth-first (batch 1)"}, 6, dict(layer=1, pipeline="df")),
+    "batch_size": (["--n", "6", "--batch-sizes", "1,3"], {"batch_size": 3}, 6, dict(layer=1, batch_size=3)),
+    "location": (["--n", "6", "--layers", "0,2"], {"layer": 2, "module": "mlp"}, 6, dict(layer=2, module="mlp")),
+    "n_edits": (["--ns", "4,8"], {"n": 8}, 8, dict(layer=1)),
+    "prefix_aug": (["--n", "6", "--k", "2"], {"run": "LocFT-BF + 2 prefixes"}, 6, dict(layer=1, augment_prefixes=2)),
+    "ftpp": (["--n", "6"], {"run": "all three"}, 6, dict(layer=1, smooth_alpha=0.1, general_kl=1.0, local_kl=1.0)),
+}
+
+
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("name, extra", [
-    ("bf_vs_df", ["--n", "6"]),
-    ("batch_size", ["--n", "6", "--batch-sizes", "1,3"]),
-    ("location", ["--n", "6", "--layers", "0,2"]),
-    ("n_edits", ["--ns", "4,8"]),
-    ("prefix_aug", ["--n", "6", "--k", "2"]),
-    ("ftpp", ["--n", "6"]),
-])
-def test_experiment_writes_its_table_and_plot(setup, tmp_path, name, extra):
+@pytest.mark.parametrize("name", list(CHECKED))
+def test_experiment_writes_its_table_and_plot(setup, tmp_path, name):
+    extra, which, n, hp = CHECKED[name]
     out = tmp_path / "results"
     layer = [] if name == "location" else ["--layer", "1"]
     script(name).main(["--ckpt", str(setup / "ckpt"), "--edits", str(setup / "edits.json"), "--quick", *layer,
-                       "--capability", TASKS, "--limit", "2", "--capability-data", str(setup / "cap"),
+                       "--capability", TASKS, "--limit", str(LIMIT), "--capability-data", str(setup / "cap"),
                        "--out", str(out), *extra])
     table = (out / f"{name}.md").read_text()
     rows = json.loads((out / f"{name}.json").read_text())["rows"]
-    assert f"python experiments/{name}.py" in table and table.count("\n| ") >= len(rows) + 1
-    assert all({"reliability", "generalization", "Cap", "small"} <= set(r) for r in rows)
-    assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"python experiments/{name}.py" in table and (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the unedited model's capability: every row and the table's setting line say what it scores
+    model, tok = model_lib.load(setup / "ckpt")
+    base = capability_averages(model, tok, setup / "cap")
+    assert f"base model: Cap {base['Cap']:.3f}, small {base['small']:.3f}" in table
+    for r in rows:
+        for avg, members in AVERAGES.items():
+            assert r[f"{avg}_base"] == pytest.approx(base[avg])
+            per_task = [r[f"{t}_{C.TASKS[t].primary}"] for t in members]  # the edited model's, task by task
+            assert r[avg] == pytest.approx(np.mean(per_task))
+            assert r[f"{avg}_change"] == pytest.approx(r[avg] - r[f"{avg}_base"])
+
+    # one configuration trained again from the base and scored without the evaluation code
+    row, = [r for r in rows if all(r[k] == v for k, v in which.items())]
+    edits = data.load_edits(setup / "edits.json", n=n)
+    trained, _ = edit.edit(model, tok, edits, replace(edit.Hparams(), **hp), say=lambda s: None)
+    # teacher-forced locality: along the base model's own greedy output, how often the edited
+    # model's argmax is the base model's (a figure that moves with every change of the tensor)
+    along = [(tok.encode(p) + greedy(model, tok, p), len(tok.encode(p))) for e in edits for p, _ in e.locality]
+    kept = [argmax_along(model, ids, k) for ids, k in along]
+    model.load_tensors(trained)
+    locality = np.mean([(argmax_along(model, ids, k) == b).float().mean().item() for (ids, k), b in zip(along, kept)])
+    assert row["locality_teacher_forced"] == pytest.approx(locality)
+    assert row["reliability"] == pytest.approx(greedy_em(model, tok, [(e.prompt, e.target) for e in edits]))
+    assert row["generalization"] == pytest.approx(greedy_em(model, tok, [(p, e.target) for e in edits for p in e.rephrases]))
+    edited = capability_averages(model, tok, setup / "cap")
+    assert row["Cap"] == pytest.approx(edited["Cap"]) and row["small"] == pytest.approx(edited["small"])
+
+    # the table shows the JSON's figures, row for row, to the places it prints
+    cells = table_cells(table)
+    assert len(cells) == len(rows)
+    for c, r in zip(cells, rows):
+        for key in ("reliability", "generalization", "Cap", "small", "locality_unchanged", "locality_teacher_forced"):
+            if key in c:
+                places = len(c[key].split(".")[1])
+                assert abs(float(c[key]) - r[key]) <= 0.5 * 10 ** -places + 1e-12, (key, c[key], r[key])
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,6 @@
 """FT++ regularisers (ftpp.py) on a tiny random model, and the relation token on a real tokenizer."""
+import copy
+
 import pytest
 import torch
 
@@ -16,6 +18,9 @@ EDITS = [
 ]
 LAYER = 1
 DOWN = f"model.layers.{LAYER}.mlp.down_proj.weight"
+# the position whose logits predict r_l, the prompt's last word after the subject:
+# "w5 w17 [w99]", "w6 [w18]", "w10 w11 w12 [w13]", "w20 w21 [w22]"
+PREDICTS_R_L = [1, 0, 2, 1]
 GENERAL = ["w100 w101 w102 w103 w104 w105 w106", "w110 w111 w112", "w120 w121 w122 w123 w124 w125 w126 w127 w128"]
 
 
@@ -40,21 +45,48 @@ def test_kl_terms_are_zero_before_the_first_step(tmp_path):
     assert abs(parts["general_kl"]) < 1e-6 and abs(parts["local_kl"]) < 1e-6
 
 
-def test_kl_terms_grow_once_the_tensor_moves_and_gradients_reach_only_it(tmp_path):
+def independent_kl(edited_logits, base_logits):
+    """Mean over positions of sum_v p_e(v) * (log p_e(v) - log p_b(v)), from full forward passes."""
+    p_e, p_b = edited_logits.float().softmax(-1), base_logits.float().softmax(-1)
+    return (p_e * (p_e.log() - p_b.log())).sum(-1).mean()
+
+
+def test_kl_terms_grow_once_the_tensor_moves_and_gradients_reach_only_it(tmp_path, one_thread):
+    """Each KL term, alone and weighted, adds its own value to the loss and its own gradient to
+    the tensor: both match KL(p_edited || p_base) computed from full forward passes of the moved
+    model and of an untouched copy of the base, so a term that is detached (or mis-weighted, or
+    compared at the wrong positions) fails here, not just one whose value stays 0."""
     model, _, reg, cache, hp = setup(tmp_path, general_kl=1.0, local_kl=1.0)
+    base = copy.deepcopy(model)
+    idx = [0, 1, 2, 3]
+    seqs = {"general_kl": [ids for ids, _ in reg.general_cache.encoded],
+            "local_kl": [ids for ids, _ in cache.encoded]}
     with edit.trainable_copies(model, [DOWN]) as params:
         p = params[DOWN]
         with torch.no_grad():
             p.add_(torch.randn_like(p) * 0.5)
-        idx = [0, 1, 2, 3]
         h, batch = cache.batch(idx, packed=False)
-        for term in ("general_kl", "local_kl"):  # each term alone: its gradient reaches the tensor
-            reg.hp = edit.Hparams(layer=LAYER, general_text=hp.general_text, **{term: 1.0})
+        reg.hp = edit.Hparams(layer=LAYER, general_text=hp.general_text)  # every weight 0: CE alone
+        ce = reg.loss(model, idx, h, batch)
+        ce_grad, = torch.autograd.grad(ce, p)
+        for term, weight in (("general_kl", 0.7), ("local_kl", 1.3)):
+            edited, base_logits = [], []
+            for i in idx:
+                ids = torch.tensor([seqs[term][i]])
+                at = slice(0, ids.shape[1] - 1) if term == "general_kl" else slice(PREDICTS_R_L[i], PREDICTS_R_L[i] + 1)
+                edited.append(model(ids)[0, at])  # every next-token prediction / the one predicting r_l
+                with torch.no_grad():
+                    base_logits.append(base(ids)[0, at])
+            kl = independent_kl(torch.cat(edited), torch.cat(base_logits))
+            kl_grad, = torch.autograd.grad(kl, p)
+            reg.hp = edit.Hparams(layer=LAYER, general_text=hp.general_text, **{term: weight})
             p.grad = None
             loss = reg.loss(model, idx, h, batch)
             assert reg.epoch_parts()[term] > 1e-4
+            torch.testing.assert_close(loss - ce, weight * kl.detach(), rtol=1e-4, atol=1e-5)
             loss.backward()
-            assert p.grad is not None and p.grad.abs().sum() > 0
+            torch.testing.assert_close(p.grad - ce_grad, weight * kl_grad, rtol=1e-3,
+                                       atol=1e-4 * float(kl_grad.abs().max()))
         trained = {n for n, q in model.named_parameters() if q.requires_grad}
         assert trained == {DOWN}
         assert all(q.grad is None for n, q in model.named_parameters() if n not in trained)
@@ -103,16 +135,36 @@ def test_general_sentences_match_the_edit_lengths(tmp_path):
     assert len(seqs[2]) == max(len(tok.encode(s)) for s in GENERAL)  # none long enough: the longest
 
 
-def test_ftpp_options_through_edit_train_and_log(tmp_path):
+def test_ftpp_options_through_edit_train_and_log(tmp_path, one_thread):
+    """The options reach training: with both KL weights on, the trained tensor ends closer to the
+    base model (KL to the base, measured by full forward passes on the general sentences and at
+    the relation positions) than a run with the same smoothing and the KL weights at 0, and
+    the log reports the terms and the counts."""
     make_checkpoint(tmp_path, "qwen2")
     model, tok = M.load(tmp_path)
     (tmp_path / "general.txt").write_text("\n".join(GENERAL))
-    hp = edit.Hparams(layer=LAYER, epochs=3, lr=1e-3, batch_size=2, smooth_alpha=0.2, general_kl=0.5,
-                      general_text=str(tmp_path / "general.txt"), local_kl=0.5)
-    trained, log = edit.edit(model, tok, EDITS, hp, say=lambda s: None)
+    common = dict(layer=LAYER, epochs=3, lr=1e-3, batch_size=2, smooth_alpha=0.2, general_text=str(tmp_path / "general.txt"))
+    trained, log = edit.edit(model, tok, EDITS, edit.Hparams(**common, general_kl=20.0, local_kl=20.0), say=lambda s: None)
+    smoothed_only, _ = edit.edit(model, tok, EDITS, edit.Hparams(**common), say=lambda s: None)
     assert not torch.equal(trained[DOWN], dict(model.named_parameters())[DOWN].float())
     assert log["ftpp"]["edits_without_old_answer"] == 1 and log["ftpp"]["local_kl_fallback_to_last_token"] == 0
     assert {"edit", "general_kl", "local_kl"} <= set(log["epochs"][-1])
+
+    general = [torch.tensor([tok.encode(s)]) for s in GENERAL]
+    prompts = [(torch.tensor([data.encode_edit(tok, e.prompt, e.target)[0]]), at) for e, at in zip(EDITS, PREDICTS_R_L)]
+
+    @torch.no_grad()
+    def kl_to_base(tensors):
+        edited = copy.deepcopy(model)
+        edited.load_tensors(tensors)
+        g = independent_kl(torch.cat([edited(ids)[0, :-1] for ids in general]),
+                           torch.cat([model(ids)[0, :-1] for ids in general]))
+        l = independent_kl(torch.cat([edited(ids)[0, at:at + 1] for ids, at in prompts]),
+                           torch.cat([model(ids)[0, at:at + 1] for ids, at in prompts]))
+        return g, l
+
+    (g_kl, l_kl), (g_plain, l_plain) = kl_to_base(trained), kl_to_base(smoothed_only)
+    assert g_kl < 0.97 * g_plain and l_kl < 0.97 * l_plain  # 16% and 7% lower here; 0 if KL were detached
 
 
 # -- the relation token r_l on a real tokenizer ----------------------------------------------------

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 import data
 import edit
@@ -119,7 +121,7 @@ def test_prefix_cache_on_disk_equals_in_memory_and_the_plan_is_exact(ckpt):
         preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], None)["activations"]
 
 
-def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path):
+def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path, one_thread):
     first = write_edits(tmp_path / "a.jsonl", random_edits(6, seed=11))
     second = write_edits(tmp_path / "b.jsonl", random_edits(5, seed=12))
     common = ["--ckpt", ckpt, "--layer", "2", "--epochs", "2"]
@@ -144,23 +146,110 @@ def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path):
     r = run_cli(*common, "--edits", second, "--cumulative", tmp_path / "one", "--out", tmp_path / "all")
     assert r.returncode == 0, r.stderr
     assert "editing 11 edits" in r.stdout
+    both = data.load_edits(first) + data.load_edits(second)
     taught = data.load_edits(tmp_path / "all" / "edits.jsonl")
-    assert [e.prompt for e in taught] == [e.prompt for e in data.load_edits(first) + data.load_edits(second)]
+    assert [e.prompt for e in taught] == [e.prompt for e in both]
+    # what training the untouched base on both sets in one run gives (not what continuing from
+    # the first delta would: that differs by the first run's whole change)
+    m, tok = model_lib.load(ckpt)
+    refit, _ = edit.edit(m, tok, both, edit.Hparams(layer=2, epochs=2), say=lambda s: None)
+    got = load_file(str(tmp_path / "all" / "delta.safetensors"))
+    assert got.keys() == refit.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], refit[k], rtol=0, atol=1e-6)
 
 
-def test_layers_over_two_devices_give_the_same_results(ckpt, tmp_path):
-    """`--devices cpu,cpu` runs the placement code path (blocks of layers, hidden states moved
-    between them); on two CPU devices the moves are no-ops and every result is the same."""
+SECOND = torch.device("cpu", 1)  # a second device for the test below: CPU memory that says it is elsewhere
+
+
+def where(t: torch.Tensor) -> torch.device:
+    return getattr(t, "_on", None) or torch.device("cpu")
+
+
+class TwoDevices(TorchFunctionMode):
+    """Two devices on a CPU-only machine, as strict as two GPUs: a tensor tagged with SECOND
+    reports `.device == cpu:1`; `.to(cpu:1)` and factories given device=cpu:1 tag their results
+    (`.to("cpu")` untags); any other op takes its inputs' device, and one whose inputs are on
+    both devices raises, as a CUDA kernel does (0-dim tensors excepted, as CPU scalars are)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__self__", None) is torch.Tensor.device:  # t.device
+            return where(args[0])
+        target = None
+        if func is torch.Tensor.to:
+            for a in (*args[1:], kwargs.get("device")):
+                if isinstance(a, (str, torch.device)) or isinstance(a, torch.Tensor):
+                    target = where(a) if isinstance(a, torch.Tensor) else torch.device(a)
+                    break
+        elif func is torch.Tensor.cpu:
+            target = torch.device("cpu")
+        elif kwargs.get("device") is not None:
+            target = torch.device(kwargs["device"])
+        if target is None:
+            on = {where(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim()}
+            if len(on) > 1:
+                raise RuntimeError(f"{getattr(func, '__name__', func)}: expected all tensors on one device, got {on}")
+            target = on.pop() if on else None
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and target is not None:
+                if target == SECOND:
+                    t._on = SECOND
+                elif hasattr(t, "_on"):
+                    del t._on
+        return out
+
+
+def load_emulated(ckpt, devices, monkeypatch):
+    """model.load over `devices`, SECOND among them: the model, and where place() sent each
+    module (those sent to SECOND get its tag, for TwoDevices)."""
+    sent, to_empty = {}, torch.nn.Module.to_empty
+
+    def record(module, *, device, **kw):
+        out = to_empty(module, device=device, **kw)
+        sent[id(module)] = torch.device(device)
+        if torch.device(device) == SECOND:
+            for t in [*module.parameters(), *module.buffers()]:
+                t._on = SECOND
+        return out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.Module, "to_empty", record)
+        model, _ = model_lib.load(ckpt, device=devices)
+    return model, sent
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_layers_over_two_devices_give_the_same_results(ckpt, tmp_path, monkeypatch):
+    """`--devices A,B`: place() puts layers 0-1 and the embedding on A, layer 2, the norm and
+    the LM head on B, and generation, teacher forcing and the training loss from layer 2 (its
+    prefix cache on B, built by layers on A) give what one device gives. B is emulated
+    (TwoDevices): a hidden state, mask, position or label that is not moved across, or a
+    tensor made on the wrong side, raises. The CLI run with `cpu,cpu` trains the same delta."""
     import evaluate
     import generate
 
     one, tok = model_lib.load(ckpt)
-    two, _ = model_lib.load(ckpt, device=["cpu", "cpu"])
-    assert [model_lib.block_of(i, 3, 2) for i in range(3)] == [0, 0, 1]
+    two, sent = load_emulated(ckpt, ["cpu", SECOND], monkeypatch)
+    on_b = {name for name, m in two.named_modules() if sent.get(id(m)) == SECOND}
+    assert on_b == {"model.layers.2", "model.norm", "lm_head"}
+    assert {name for name, m in two.named_modules() if sent.get(id(m)) == torch.device("cpu")} == \
+        {"model.layers.0", "model.layers.1", "model.embed_tokens"}
+
     prompts = [e.prompt for e in random_edits(6, seed=3)]
-    assert generate.greedy(one, tok, prompts, 8, batch_size=2) == generate.greedy(two, tok, prompts, 8, batch_size=2)
     enc = [data.encode_edit(tok, p, "w5 w6") for p in prompts]
-    assert evaluate.teacher_forced_argmax(one, enc, tok.pad_id) == evaluate.teacher_forced_argmax(two, enc, tok.pad_id)
+    idx = [0, 3, 5]
+    expected = (generate.greedy(one, tok, prompts, 8, batch_size=2), evaluate.teacher_forced_argmax(one, enc, tok.pad_id),
+                edit.batch_loss(one, data.PrefixCache(one, enc, tok.pad_id, 2), idx, edit.Hparams(layer=2)))
+    with TwoDevices():
+        assert two.device_of(1) == torch.device("cpu") and two.device_of(2) == SECOND
+        cache = data.PrefixCache(two, enc, tok.pad_id, 2)
+        assert cache.h.device == SECOND
+        got = (generate.greedy(two, tok, prompts, 8, batch_size=2), evaluate.teacher_forced_argmax(two, enc, tok.pad_id),
+               edit.batch_loss(two, cache, idx, edit.Hparams(layer=2)))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
     edits = write_edits(tmp_path / "e.jsonl", random_edits(8, seed=4))
     common = ["--ckpt", ckpt, "--edits", edits, "--layer", "1", "--epochs", "2"]
     assert run_cli(*common, "--out", tmp_path / "a").returncode == 0
@@ -168,3 +257,37 @@ def test_layers_over_two_devices_give_the_same_results(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = (load_file(str(tmp_path / d / "delta.safetensors")) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_prefix_cache_in_host_memory_gives_the_on_device_results(ckpt, tmp_path, capsys, monkeypatch):
+    """--cache-device cpu with the model on another device (B, emulated by TwoDevices): the
+    cache stays in host memory, each mini-batch is copied to B, and the loss is the one an
+    on-device cache gives, bit for bit; on this CPU, training with it gives the same delta."""
+    made = []
+    real = data.PrefixCache
+    monkeypatch.setattr(data, "PrefixCache", lambda *a, **kw: made.append(a[4]) or real(*a, **kw))
+    edits = write_edits(tmp_path / "e.jsonl", random_edits(8, seed=5))
+    assert edit.main(["--ckpt", str(ckpt), "--edits", str(edits), "--layer", "2", "--epochs", "1",
+                      "--cache-device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert made == ["cpu"]  # the flag reaches the cache
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    m, tok = model_lib.load(ckpt)
+    enc = [data.encode_edit(tok, e.prompt, e.target) for e in random_edits(12, seed=2)]
+    idx, hp = [3, 0, 7, 11], edit.Hparams(layer=2)
+    on_b, _ = load_emulated(ckpt, [SECOND], monkeypatch)
+    with TwoDevices():
+        host, device = (data.PrefixCache(on_b, enc, tok.pad_id, 2, d) for d in ("cpu", None))
+        assert host.h.device == torch.device("cpu") and device.h.device == SECOND
+        for packed in (True, False):
+            (h1, b1), (h2, b2) = host.batch(idx, packed), device.batch(idx, packed)
+            assert h1.device == h2.device == SECOND and b1.ids.device == SECOND
+        losses = [edit.batch_loss(on_b, c, idx, hp) for c in (host, device)]
+    assert torch.equal(host.h, device.h) and torch.equal(*losses)
+    assert torch.equal(losses[0], edit.batch_loss(m, data.PrefixCache(m, enc, tok.pad_id, 2), idx, hp))
+    hp = edit.Hparams(layer=2, epochs=3, batch_size=4)
+    a, _ = edit.edit(m, tok, random_edits(12, seed=2), hp, cache_device="cpu", say=lambda s: None)
+    b, _ = edit.edit(m, tok, random_edits(12, seed=2), hp, say=lambda s: None)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
