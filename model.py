@@ -183,7 +183,8 @@ class RMSNorm(nn.Module):
 
 def precompute_inv_freq(args: ModelArgs) -> torch.Tensor:
     """RoPE inverse frequencies, with Llama-3.1's frequency-dependent scaling when configured."""
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    steps = torch.arange(0, args.head_dim, 2, dtype=torch.float64, device="cpu")  # real values, also on "meta"
+    inv_freq = 1.0 / (args.rope_theta ** (steps / args.head_dim))
     s = args.rope_scaling
     if s is None:
         return inv_freq.float()
@@ -400,6 +401,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", precompute_inv_freq(args), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype), .half(), .to_empty(): RoPE's frequencies are recomputed in fp32 where they
+        # now live, never cast (in bf16 they would turn far positions by visibly wrong angles)
+        super()._apply(fn, recurse)
+        self.inv_freq = precompute_inv_freq(self.args).to(self.inv_freq.device)
+        return self
+
     @property
     def layers(self):
         return self.model.layers
@@ -538,6 +546,7 @@ class Transformer(nn.Module):
             module.to_empty(device=devices[placement(name, self.args, len(devices))])
         if self.args.tie_word_embeddings:  # to_empty makes a new tensor for each; tie them again
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.inv_freq = precompute_inv_freq(self.args).to(self.device)  # fp32, and not in the checkpoint
         return self
 
 
@@ -651,7 +660,6 @@ def load(ckpt_dir, device="cpu", dtype: str | torch.dtype | None = None) -> tupl
     with torch.device("meta"):
         model = Transformer(args)
     model.place(devices).to(dtype)  # allocates only; nothing is initialised
-    model.inv_freq = precompute_inv_freq(args).to(model.device)  # fp32, and not in the checkpoint
     params = dict(model.named_parameters())
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:

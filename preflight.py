@@ -288,8 +288,12 @@ def hparams_fingerprint(hp) -> dict:
 
 
 def check_resume(path: Path, fingerprint: dict):
-    """Refuse to continue a run made with other flags, other edits or another base."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)["fingerprint"]
+    """Refuse to continue a run made with other flags, other edits or another base. Reads the
+    small fingerprint.json beside the checkpoint (checkpoint.start writes it before the first
+    epoch), not the checkpoint with its tensors."""
+    small = path.with_name("fingerprint.json")
+    saved = json.loads(small.read_text()) if small.is_file() else \
+        torch.load(path, map_location="cpu", weights_only=True)["fingerprint"]  # a run of an older version
     for key in fingerprint:
         a, b = saved.get(key), fingerprint[key]
         if a != b:
@@ -311,6 +315,7 @@ def memory_plan(margs, lengths: list[int], hp, dtype: torch.dtype, devices: list
     shapes = model_lib.parameter_shapes(margs)
     size = torch.finfo(dtype).bits // 8
     n = margs.n_layers
+    devices, cache_device = [device_name(d) for d in devices], cache_device and device_name(cache_device)
     trained = sum(math.prod(s) for s in model_lib.select_params_by_name(shapes, hp.layer, hp.module).values())
     bs = hp.batch_for(len(lengths))
     step_tokens = sum(sorted(lengths)[-bs:])  # the longest mini-batch there can be
@@ -327,6 +332,17 @@ def memory_plan(margs, lengths: list[int], hp, dtype: torch.dtype, devices: list
     need[cache] = need.get(cache, 0) + plan["prefix_cache"]  # "cpu" or "disk" when asked for
     plan["need"] = need
     return plan
+
+
+def device_name(device: str) -> str:
+    """One name per device, so that the plan adds up what shares one: "cuda" is the current GPU
+    ("cuda:0" unless torch was told otherwise), "cpu:0" is "cpu"; "disk" stays "disk"."""
+    if device == "disk":
+        return device
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        return f"cuda:{torch.cuda.current_device() if torch.cuda.is_available() else 0}"
+    return "cpu" if d.type == "cpu" else str(d)
 
 
 def free_bytes(device: str) -> int | None:

@@ -185,7 +185,6 @@ def run_synthetic(a) -> dict:
         with torch.no_grad():
             for n, p in m.named_parameters():
                 p.fill_(1.0) if n.endswith("norm.weight") else p.normal_(0, 0.02)
-        m.inv_freq = model_lib.precompute_inv_freq(args).to(m.device)
         m.requires_grad_(False).eval()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()  # from here: weights + what training needs

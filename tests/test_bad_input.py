@@ -242,7 +242,7 @@ def test_ctrl_c_after_an_epoch_keeps_only_the_whole_checkpoint(base, many, tmp_p
     rc, err = interrupt("edit", args, "epoch 2/", tmp_path)
     assert rc == 130 and "--resume" in err
     assert [p.name for p in tmp_path.iterdir()] == ["out.partial"]
-    assert [p.name for p in (tmp_path / "out.partial").iterdir()] == ["checkpoint.pt"]
+    assert sorted(p.name for p in (tmp_path / "out.partial").iterdir()) == ["checkpoint.pt", "fingerprint.json"]
 
 
 def test_ctrl_c_during_evaluation_writes_no_report(base, many, tmp_path):

@@ -153,6 +153,18 @@ def test_hidden_states_and_forward_from_compose(tmp_path):
     torch.testing.assert_close(part, full[mask.bool()], rtol=0, atol=1e-5)
 
 
+def test_rope_frequencies_stay_fp32_when_the_weights_are_cast(tmp_path):
+    """Loading in bf16, .to(dtype), .half() and .to_empty() cast or replace the weights; RoPE's
+    frequencies stay the fp32 values (a bf16 inv_freq shifts the angles of far positions)."""
+    make_checkpoint(tmp_path, "llama3.1-rope")
+    m, _ = M.load(tmp_path, dtype=torch.bfloat16)
+    exact = M.precompute_inv_freq(m.args)
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+    for cast in (lambda m: m, lambda m: m.to(torch.float16), lambda m: m.half(), lambda m: m.to_empty(device="cpu")):
+        m = cast(m)
+        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, exact)
+
+
 def test_config_spellings_old_and_new_agree():
     new = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                intermediate_size=128, vocab_size=100, dtype="bfloat16",

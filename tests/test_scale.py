@@ -77,6 +77,19 @@ def test_a_killed_run_resumes_to_the_same_delta_bit_for_bit(ckpt, tmp_path):
     assert [e["mean_loss"] for e in la] == [e["mean_loss"] for e in lb]
 
 
+def test_resume_reads_the_fingerprint_alone(tmp_path):
+    """--resume compares the run's fingerprint.json, written before any checkpoint, and never
+    reads the checkpoint's tensors to do it (here they are not even readable)."""
+    import checkpoint as ckpt_lib
+
+    fingerprint = {"hparams": {"lr": 0.002, "layer": 2}, "edits": "ab12", "base": {"w": "cd34"}, "base_delta": None}
+    c = ckpt_lib.start(tmp_path / "out", fingerprint, resume=False, stop_loss=1e-2)
+    c.path.write_bytes(b"not a checkpoint")
+    preflight.check_resume(c.path, json.loads(json.dumps(fingerprint)))
+    with pytest.raises(preflight.EditError, match="lr=0.002, this one 0.001"):
+        preflight.check_resume(c.path, {**fingerprint, "hparams": {"lr": 0.001, "layer": 2}})
+
+
 def test_torchrun_two_processes_match_one(ckpt, tmp_path):
     """gloo, two CPU processes, each taking half of every mini-batch: the same per-epoch losses
     and the same delta as one process, up to the order of fp32 sums."""
@@ -114,6 +127,9 @@ def test_prefix_cache_on_disk_equals_in_memory_and_the_plan_is_exact(ckpt):
     assert plan["model"] == sum(p.nbytes for p in m.parameters())
     assert plan["trained_and_adam"] == 4 * m.get_parameter("model.layers.2.mlp.down_proj.weight").nbytes
     assert preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], "disk")["need"]["disk"] == 50 * m.args.dim * 4
+    # "cuda" and "cuda:0" are one device: the model and a cache named either way add up there
+    one = preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda"], "cuda:0")["need"]
+    assert list(one) == ["cuda:0"]
     two = preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda:0", "cuda:1"], None)["need"]
     assert two["cuda:0"] + two["cuda:1"] == plan["model"] + plan["trained_and_adam"] + 50 * m.args.dim * 4 + \
         preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], None)["activations"]
