@@ -659,7 +659,7 @@ def load(ckpt_dir, device="cpu", dtype: str | torch.dtype | None = None) -> tupl
 
     with torch.device("meta"):
         model = Transformer(args)
-    model.place(devices).to(dtype)  # allocates only; nothing is initialised
+    model.to(dtype).place(devices)  # cast while nothing exists, then allocate: the peak is the model in its dtype
     params = dict(model.named_parameters())
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:

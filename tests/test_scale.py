@@ -77,6 +77,27 @@ def test_a_killed_run_resumes_to_the_same_delta_bit_for_bit(ckpt, tmp_path):
     assert [e["mean_loss"] for e in la] == [e["mean_loss"] for e in lb]
 
 
+def test_loading_peaks_at_the_model_in_its_dtype_which_the_plan_bounds(ckpt):
+    """Every CPU allocation while loading in bf16, as the profiler records them: the peak is the
+    bf16 model the plan counts, not an fp32 copy first (on CUDA the same code allocates the
+    same way). safetensors maps each file it reads (the page cache, gone with the file): those
+    allocations, of exactly a file's size, are left out."""
+    from itertools import accumulate
+
+    from torch.profiler import ProfilerActivity, profile
+
+    mapped = {f.stat().st_size for f in model_lib.checkpoint_files(ckpt)}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        m, _ = model_lib.load(ckpt, dtype=torch.bfloat16)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage and
+                     not (e.name == "[memory]" and abs(e.self_cpu_memory_usage) in mapped)), key=lambda e: e.time_range.start)
+    peak = max(accumulate(e.self_cpu_memory_usage for e in events))
+    plan = preflight.memory_plan(m.args, [8] * 4, edit.Hparams(layer=2), torch.bfloat16, ["cpu"], None)
+    print(f"load peak {peak} bytes, the bf16 model {plan['model']}, fp32 {2 * plan['model']}")
+    assert plan["model"] == sum(p.nbytes for p in m.parameters())
+    assert peak <= plan["need"]["cpu"] and peak < 1.01 * plan["model"]
+
+
 def test_resume_reads_the_fingerprint_alone(tmp_path):
     """--resume compares the run's fingerprint.json, written before any checkpoint, and never
     reads the checkpoint's tensors to do it (here they are not even readable)."""
