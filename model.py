@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tokenizer import CheckpointError, Tokenizer, read_json
 
@@ -233,6 +234,29 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+MASKED_GPU_KERNELS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attend(q, k, v, mask, choose_kernel: bool | None = None) -> torch.Tensor:
+    """SDPA, causal or with a boolean mask; grouped-query attention: every group of
+    n_heads // n_kv_heads query heads shares a k/v head.
+
+    With a mask on a GPU (`choose_kernel` overrides the test), the kernel is chosen here, not by
+    torch: cuDNN's masked backward returns NaN gradients for some row lengths (T % 128 == 64,
+    pytorch#196678), flash takes no mask, and GQA with a mask would run the plain math kernel;
+    so k/v are expanded to every head and the memory-efficient kernel runs (math where it cannot)."""
+    if choose_kernel is None:
+        choose_kernel = mask is not None and q.is_cuda
+    if not choose_kernel:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    B, n_kv, S, hd = k.shape
+    group = q.shape[1] // n_kv
+    k, v = (t[:, :, None].expand(B, n_kv, group, S, hd).reshape(B, n_kv * group, S, hd) for t in (k, v))
+    with sdpa_kernel(MASKED_GPU_KERNELS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -257,11 +281,9 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_pos, k, v)  # (B, nkv, S, hd), S = cache_pos + T
-        # grouped-query attention: every group of n_heads // n_kv_heads query heads shares a k/v head
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
 
 
 class MLP(nn.Module):

@@ -153,6 +153,22 @@ def test_hidden_states_and_forward_from_compose(tmp_path):
     torch.testing.assert_close(part, full[mask.bool()], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_masked_attention_on_the_gpu_kernels_equals_torchs_choice(n_kv):
+    """What a masked call runs on CUDA (k/v expanded to every head, no cuDNN, no flash) gives
+    torch's own masked GQA result, forward and backward; on a CPU the chosen list runs math."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, n_kv, 9, 8, generator=g, requires_grad=True) for _ in range(2))
+    segments = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    mask = torch.ones(9, 9, dtype=torch.bool).tril() & (segments[:, None, :, None] == segments[:, None, None, :])
+    outs = [M.attend(q, k, v, mask, choose_kernel=c) for c in (False, True)]
+    grads = [torch.autograd.grad(o.square().sum(), (q, k, v)) for o in outs]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_rope_frequencies_stay_fp32_when_the_weights_are_cast(tmp_path):
     """Loading in bf16, .to(dtype), .half() and .to_empty() cast or replace the weights; RoPE's
     frequencies stay the fp32 values (a bf16 inv_freq shifts the angles of far positions)."""
