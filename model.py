@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from devices import resolve_dtype  # the dtype rule (also reachable as model.resolve_dtype)
 from tokenizer import CheckpointError, Tokenizer, read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "mistral")
@@ -607,25 +608,6 @@ def read_args(ckpt_dir) -> ModelArgs:
     if not path.exists():
         raise CheckpointError(f"{path}: missing (a checkpoint directory needs config.json)")
     return ModelArgs.from_config(read_json(path), str(path))
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs, device) -> torch.dtype:
-    """The one rule for the frozen model's dtype, for editing and evaluation alike: float32 on a
-    CPU (bf16 matrix products are several times slower there, and less exact), the checkpoint's
-    own dtype on a GPU; "auto" is the checkpoint's dtype anywhere. A `torch.dtype` is taken as is."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype is None:
-        dtype = "float32" if torch.device(device).type == "cpu" else "auto"
-    if dtype == "auto":
-        dtype = args.torch_dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"--dtype {dtype!r} is unknown: use auto, float32, bfloat16 or float16")
-    return DTYPES[dtype]
 
 
 def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -12,8 +12,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,6 +24,7 @@ import delta
 import evaluate
 import ftpp
 import model as model_lib
+from devices import device_name, free_bytes
 
 
 class EditError(ValueError):
@@ -332,30 +331,6 @@ def memory_plan(margs, lengths: list[int], hp, dtype: torch.dtype, devices: list
     need[cache] = need.get(cache, 0) + plan["prefix_cache"]  # "cpu" or "disk" when asked for
     plan["need"] = need
     return plan
-
-
-def device_name(device: str) -> str:
-    """One name per device, so that the plan adds up what shares one: "cuda" is the current GPU
-    ("cuda:0" unless torch was told otherwise), "cpu:0" is "cpu"; "disk" stays "disk"."""
-    if device == "disk":
-        return device
-    d = torch.device(device)
-    if d.type == "cuda" and d.index is None:
-        return f"cuda:{torch.cuda.current_device() if torch.cuda.is_available() else 0}"
-    return "cpu" if d.type == "cpu" else str(d)
-
-
-def free_bytes(device: str) -> int | None:
-    """Memory free on `device` (None when unknown): the GPU's, the host's available memory, or
-    for "disk" the free space of the temporary directory."""
-    if device == "disk":
-        return shutil.disk_usage(tempfile.gettempdir()).free
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        return int(next(l for l in open("/proc/meminfo") if l.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        return None
 
 
 def check_memory(plan: dict, say=say):

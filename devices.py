@@ -1,0 +1,52 @@
+"""What depends on where a run's tensors live: the frozen model's dtype, one name per device,
+and the memory free on it."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import torch
+
+from tokenizer import CheckpointError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, args, device) -> torch.dtype:
+    """The one rule for the frozen model's dtype, for editing and evaluation alike: float32 on a
+    CPU (bf16 matrix products are several times slower there, and less exact), the checkpoint's
+    own dtype on a GPU; "auto" is the checkpoint's dtype anywhere. A `torch.dtype` is taken as is."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype is None:
+        dtype = "float32" if torch.device(device).type == "cpu" else "auto"
+    if dtype == "auto":
+        dtype = args.torch_dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def device_name(device: str) -> str:
+    """One name per device, so that the plan adds up what shares one: "cuda" is the current GPU
+    ("cuda:0" unless torch was told otherwise), "cpu:0" is "cpu"; "disk" stays "disk"."""
+    if device == "disk":
+        return device
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        return f"cuda:{torch.cuda.current_device() if torch.cuda.is_available() else 0}"
+    return "cpu" if d.type == "cpu" else str(d)
+
+
+def free_bytes(device: str) -> int | None:
+    """Memory free on `device` (None when unknown): the GPU's, the host's available memory, or
+    for "disk" the free space of the temporary directory."""
+    if device == "disk":
+        return shutil.disk_usage(tempfile.gettempdir()).free
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        return int(next(l for l in open("/proc/meminfo") if l.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
