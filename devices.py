@@ -14,13 +14,17 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, args, device) -> torch.dtype:
-    """The one rule for the frozen model's dtype, for editing and evaluation alike: float32 on a
-    CPU (bf16 matrix products are several times slower there, and less exact), the checkpoint's
-    own dtype on a GPU; "auto" is the checkpoint's dtype anywhere. A `torch.dtype` is taken as is."""
+    """The frozen model's dtype for training (`dtype` is --dtype, None when not given): float32
+    on a CPU (bf16 matrix products are several times slower there, and less exact); on a GPU
+    the checkpoint's own dtype, except bfloat16 for a float16 checkpoint: training runs under
+    autocast without loss scaling, and in float16's range the edited layers' small activation
+    gradients underflow to zero, while bf16 has float32's range. "auto" is the checkpoint's
+    dtype anywhere, float16 included. A `torch.dtype` is taken as is."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype is None:
-        dtype = "float32" if torch.device(device).type == "cpu" else "auto"
+        dtype = "float32" if torch.device(device).type == "cpu" else \
+            "bfloat16" if args.torch_dtype in ("float16", "fp16") else "auto"
     if dtype == "auto":
         dtype = args.torch_dtype
     if dtype not in DTYPES:

@@ -90,6 +90,9 @@ def preflight(args, hp) -> Run:
         check_resume(partial_dir(out) / "checkpoint.pt", fingerprint)
     lengths = [len(data.encode_edit(tok, e.prompt, e.target)[0]) + prefix for e in edits for _ in range(hp.augment_prefixes + 1)]
     dtype = model_lib.resolve_dtype(args.dtype, margs, devices[0])
+    if dtype == torch.float16 and rank == 0:
+        say("note: float16 autocast has no loss scaling here; small gradients underflow (bfloat16, the GPU default "
+            "for float16 checkpoints, does not)")
     check_memory(memory_plan(margs, lengths, hp, dtype, devices, args.cache_device), say if rank == 0 else (lambda s: None))
     return Run(ckpt, out, edits, hp, devices, world, rank, fingerprint, parent)
 
@@ -139,8 +142,8 @@ def parse_args(argv, H) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--devices", default=None, metavar="LIST",
                    help="spread the model's layers over several devices of one machine: cuda:0,cuda:1,...")
-    p.add_argument("--dtype", default=None, help="frozen model dtype: float32 (default on CPU), bfloat16, "
-                                                 "auto (the checkpoint's; default on CUDA)")
+    p.add_argument("--dtype", default=None, help="frozen model dtype: float32 (default on CPU), bfloat16, auto (the "
+                                                 "checkpoint's; default on CUDA, but bfloat16 for float16 checkpoints)")
     p.add_argument("--cache-device", default=None, help="prefix cache device (default: the model's; cpu for 100K edits)")
     p.add_argument("--eval", action="store_true", help="evaluate before/after right after training (eval.json)")
     p.add_argument("--capability", nargs="?", const="paper", metavar="TASKS",

@@ -169,6 +169,17 @@ def test_masked_attention_on_the_gpu_kernels_equals_torchs_choice(n_kv):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stored,flag,device,expected", [
+    ("float16", None, "cuda", torch.bfloat16),  # fp16 autocast would train without loss scaling
+    ("float16", "auto", "cuda", torch.float16),  # asked for: the checkpoint's own
+    ("bfloat16", None, "cuda:1", torch.bfloat16), ("float32", None, "cuda", torch.float32),
+    ("float16", None, "cpu", torch.float32), ("bfloat16", "float16", "cpu", torch.float16)])
+def test_the_frozen_dtype_rule(stored, flag, device, expected):
+    args = M.ModelArgs.from_config(dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                        intermediate_size=128, vocab_size=100, torch_dtype=stored))
+    assert M.resolve_dtype(flag, args, device) == expected
+
+
 def test_rope_frequencies_stay_fp32_when_the_weights_are_cast(tmp_path):
     """Loading in bf16, .to(dtype), .half() and .to_empty() cast or replace the weights; RoPE's
     frequencies stay the fp32 values (a bf16 inv_freq shifts the angles of far positions)."""
