@@ -7,6 +7,7 @@ would silently drop the EOS from training.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -446,18 +447,16 @@ class PrefixCache:
         t0 = time.time()
         self.encoded, self.pad_id = encoded, pad_id
         self.model_device = model.device_of(layer)  # where training steps start from these states
-        lengths = torch.tensor([len(ids) for ids, _ in encoded])
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        shape, dtype = (int(self.offsets[-1]), model.args.dim), model.model.embed_tokens.weight.dtype
+        self.offsets = [0, *itertools.accumulate(len(ids) for ids, _ in encoded)]  # plain ints: no tensor op per batch
+        shape, dtype = (self.offsets[-1], model.args.dim), model.model.embed_tokens.weight.dtype
         if device == "disk":  # memory-mapped from a file in the temp dir ($TMPDIR), unlinked at once
             fd, path = tempfile.mkstemp(prefix="prefix-cache-")
             os.close(fd)
             self.h = torch.from_file(path, shared=True, size=shape[0] * shape[1], dtype=dtype).view(shape)
             os.unlink(path)  # the mapping stays; the file is gone when the process is, however it ends
-        else:
-            device = torch.device(device) if device else self.model_device
-            self.h = torch.empty(shape, dtype=dtype, device=device,
-                                 pin_memory=device.type == "cpu" and self.model_device.type == "cuda")
+        else:  # in host memory pageable, not pinned: each batch goes to a GPU through one pinned buffer
+            self.h = torch.empty(shape, dtype=dtype, device=torch.device(device) if device else self.model_device)
+        self.staging, self.staged = None, None
         device = self.h.device
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
         for s in range(0, len(order), batch_size):
@@ -468,16 +467,32 @@ class PrefixCache:
         self.seconds = time.time() - t0
 
     def rows_of(self, idx: list[int]) -> torch.Tensor:
-        """The cache rows of sequences `idx`, one after the other."""
-        return torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]).to(self.h.device)
+        """The cache rows of sequences `idx`, one after the other (on the host)."""
+        return torch.tensor([r for i in idx for r in range(self.offsets[i], self.offsets[i + 1])])
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Cache rows `rows` (on the host), on the model's device. From host memory to a GPU they
+        are gathered into one reusable pinned buffer and copied from there without blocking: a
+        pinned cache would lock memory in powers of two, a pageable copy would stall the GPU."""
+        if not (self.h.device.type == "cpu" and self.model_device.type == "cuda"):
+            return self.h[rows.to(self.h.device, non_blocking=True)].to(self.model_device, non_blocking=True)
+        if self.staged is not None:
+            self.staged.synchronize()  # the last batch's copy out of the buffer is done (long since)
+        if self.staging is None or len(self.staging) < len(rows):  # sized by the first (largest) batch
+            self.staging = torch.empty(len(rows), self.h.shape[1], dtype=self.h.dtype, pin_memory=True)
+        part = torch.index_select(self.h, 0, rows, out=self.staging[:len(rows)])
+        h = part.to(self.model_device, non_blocking=True)
+        self.staged = torch.cuda.Event()
+        self.staged.record(torch.cuda.current_stream(self.model_device))
+        return h
 
     def batch(self, idx: list[int], packed: bool = True) -> tuple[torch.Tensor, Batch]:
         """Sequences `idx` on the model's device: packed back to back (no compute on padding), or
         right-padded to the longest of them."""
         seqs = [self.encoded[i] for i in idx]
         b = pack(seqs, self.row_tokens) if packed else collate(seqs, self.pad_id)
-        real = b.segments >= 0 if packed else b.attention_mask.bool()
-        h = self.h.new_zeros(*b.ids.shape, self.h.shape[-1])
         # packed rows hold the sequences in order too, so the real tokens line up with rows_of(idx)
-        h[real.to(h.device)] = self.h[self.rows_of(idx)]
-        return h.to(self.model_device, non_blocking=True), b.to(self.model_device)
+        real = [i for i, m in enumerate((b.segments >= 0 if packed else b.attention_mask.bool()).flatten().tolist()) if m]
+        h = torch.zeros(b.ids.numel(), self.h.shape[-1], dtype=self.h.dtype, device=self.model_device)
+        h[torch.tensor(real).to(self.model_device, non_blocking=True)] = self.gather(self.rows_of(idx))
+        return h.view(*b.ids.shape, -1), b.to(self.model_device)

@@ -312,8 +312,9 @@ def check_resume(path: Path, fingerprint: dict):
 def memory_plan(margs, lengths: list[int], hp, dtype: torch.dtype, devices: list[str], cache_device) -> dict:
     """What a run will hold, in bytes, computed from the config and the token counts alone: the
     frozen model (per device, placed as `Transformer.place` places it), the prefix cache (every
-    token once), the trained tensors with their gradient and Adam's two moments (fp32), and a
-    rough bound on one step's activations, which live with the trained layer."""
+    token once; in host memory or on disk for a GPU run, plus one batch's pinned buffer), the
+    trained tensors with their gradient and Adam's two moments (fp32), and a rough bound on one
+    step's activations, which live with the trained layer."""
     shapes = model_lib.parameter_shapes(margs)
     size = torch.finfo(dtype).bits // 8
     n = margs.n_layers
@@ -332,6 +333,8 @@ def memory_plan(margs, lengths: list[int], hp, dtype: torch.dtype, devices: list
     need[edited] += plan["trained_and_adam"] + plan["activations"]
     cache = cache_device or edited
     need[cache] = need.get(cache, 0) + plan["prefix_cache"]  # "cpu" or "disk" when asked for
+    if cache in ("cpu", "disk") and edited.startswith("cuda"):  # a batch's pinned buffer, a power of two
+        need["cpu"] = need.get("cpu", 0) + (1 << (step_tokens * margs.dim * size - 1).bit_length())
     plan["need"] = need
     return plan
 

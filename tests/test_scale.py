@@ -1,6 +1,7 @@
 """Scale: a killed run resumes to the same delta, torchrun's processes add up to one, the prefix
 cache's memory is what the plan says, on disk as in memory."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -151,6 +152,10 @@ def test_prefix_cache_on_disk_equals_in_memory_and_the_plan_is_exact(ckpt):
     # "cuda" and "cuda:0" are one device: the model and a cache named either way add up there
     one = preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda"], "cuda:0")["need"]
     assert list(one) == ["cuda:0"]
+    # a cache in host memory for a GPU run: the cache, pageable, and one batch's pinned buffer
+    # (5 sequences of 10 tokens, batch 1: 10 x dim x 4 bytes, in the power of two the pinned allocator takes)
+    host = preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda:0"], "cpu")["need"]["cpu"]
+    assert host == 50 * m.args.dim * 4 + 4096 == 50 * m.args.dim * 4 + 2 ** math.ceil(math.log2(10 * m.args.dim * 4))
     two = preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda:0", "cuda:1"], None)["need"]
     assert two["cuda:0"] + two["cuda:1"] == plan["model"] + plan["trained_and_adam"] + 50 * m.args.dim * 4 + \
         preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], None)["activations"]
