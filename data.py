@@ -13,7 +13,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -342,6 +342,14 @@ class Batch:
     # packed batches only (see `pack`): each token's sequence number and position within it
     segments: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    # worked out on the host as the batch is built (`placed`), so that a GPU using them waits for
+    # nothing: in row-major order the target token ids, the flat (B*T) positions whose logits
+    # predict them, the sample each belongs to; the flat positions of the real tokens
+    labels: torch.Tensor | None = None
+    predict_at: torch.Tensor | None = None
+    sample_of_prediction: torch.Tensor | None = None
+    real_at: torch.Tensor | None = None
+    n_samples: int = 0
 
     @property
     def predict_mask(self) -> torch.Tensor:
@@ -350,34 +358,33 @@ class Batch:
         m[:, :-1] = self.target_mask[:, 1:]
         return m
 
-    @property
-    def labels(self) -> torch.Tensor:
-        """Target token ids, in the same row-major order as `logits[predict_mask]`."""
-        return self.ids[self.target_mask]
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.segments.max()) + 1 if self.segments is not None else self.ids.shape[0]
-
-    @property
-    def sample_of_prediction(self) -> torch.Tensor:
-        """Which sample each predicted target token belongs to, in `logits[predict_mask]` order."""
-        if self.segments is not None:
-            return self.segments[self.predict_mask]
-        return self.predict_mask.nonzero()[:, 0]
-
     def per_sample_mean(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-prediction values (N,), in `logits[predict_mask]` order -> the mean over each
         sample's target tokens (n_samples,), and each sample's token count."""
-        row, B = self.sample_of_prediction, self.n_samples
-        row = row.to(values.device)
+        row, B = self.sample_of_prediction.to(values.device), self.n_samples
         total = torch.zeros(B, device=values.device).index_add(0, row, values)
         count = torch.zeros(B, device=values.device).index_add(0, row, torch.ones_like(values))
         return total / count, count
 
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(*(move(t) for t in (self.ids, self.attention_mask, self.target_mask, self.segments, self.positions)))
+        """The batch on `device`; copies to a GPU do not block the host."""
+        move = lambda t: t.to(device, non_blocking=torch.device(device).type != "cpu") if torch.is_tensor(t) else t  # noqa: E731
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+
+def placed(B: int, T: int, where: list[tuple[int, int, tuple[list[int], int]]], **tensors) -> Batch:
+    """A (B, T) batch from its tensors and from where each sequence sits, (row, column, (ids,
+    n_prompt)) in row-major order: the host-side fields are counted here, in plain Python."""
+    labels, at, sample, real = [], [], [], []
+    for i, (row, col, (seq, n_prompt)) in enumerate(where):
+        start = row * T + col
+        labels += seq[n_prompt:]
+        at += range(start + n_prompt - 1, start + len(seq) - 1)  # one to the left of each target
+        sample += [i] * (len(seq) - n_prompt)
+        real += range(start, start + len(seq))
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Batch(**tensors, labels=long(labels), predict_at=long(at), sample_of_prediction=long(sample),
+                 real_at=long(real), n_samples=len(where))
 
 
 def pack(encoded: list[tuple[list[int], int]], row_tokens: int = 1024) -> Batch:
@@ -397,6 +404,7 @@ def pack(encoded: list[tuple[list[int], int]], row_tokens: int = 1024) -> Batch:
     ids, target = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
     attn, positions = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
     segments = torch.full(shape, -1, dtype=torch.long)
+    where = []
     for r, row in enumerate(rows):
         start = 0
         for i in row:
@@ -407,8 +415,9 @@ def pack(encoded: list[tuple[list[int], int]], row_tokens: int = 1024) -> Batch:
             target[r, start + n_prompt:end] = True
             segments[r, start:end] = i
             positions[r, start:end] = torch.arange(len(seq))
+            where.append((r, start, encoded[i]))
             start = end
-    return Batch(ids, attn, target, segments, positions)
+    return placed(*shape, where, ids=ids, attention_mask=attn, target_mask=target, segments=segments, positions=positions)
 
 
 def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:
@@ -422,7 +431,7 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:
         ids[b, : len(seq)] = torch.tensor(seq)
         attn[b, : len(seq)] = 1
         target[b, n_prompt: len(seq)] = True
-    return Batch(ids, attn, target)
+    return placed(B, T, [(b, 0, e) for b, e in enumerate(encoded)], ids=ids, attention_mask=attn, target_mask=target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,8 +500,7 @@ class PrefixCache:
         right-padded to the longest of them."""
         seqs = [self.encoded[i] for i in idx]
         b = pack(seqs, self.row_tokens) if packed else collate(seqs, self.pad_id)
-        # packed rows hold the sequences in order too, so the real tokens line up with rows_of(idx)
-        real = [i for i, m in enumerate((b.segments >= 0 if packed else b.attention_mask.bool()).flatten().tolist()) if m]
+        b = b.to(self.model_device)
         h = torch.zeros(b.ids.numel(), self.h.shape[-1], dtype=self.h.dtype, device=self.model_device)
-        h[torch.tensor(real).to(self.model_device, non_blocking=True)] = self.gather(self.rows_of(idx))
-        return h.view(*b.ids.shape, -1), b.to(self.model_device)
+        h[b.real_at] = self.gather(self.rows_of(idx))  # the real tokens, in the order of rows_of(idx)
+        return h.view(*b.ids.shape, -1), b

@@ -232,7 +232,7 @@ def batch_loss(model, cache: data.PrefixCache, idx: list[int], hp: Hparams, reg=
         if reg is not None:
             return reg.loss(model, idx, h, batch, hp.loss_avg)  # FT++: smoothing, general and local KL
         logits = model.forward_from(h, hp.layer, positions=batch.positions, segments=batch.segments,
-                                    logits_at=batch.predict_mask)  # (N, V), N target tokens
+                                    logits_at=batch.predict_at)  # (N, V), N target tokens
     ce = F.cross_entropy(logits.float(), batch.labels.to(logits.device), reduction="none")
     if hp.loss_avg == "token":  # LlamaFactory's: the mean over every target token of the mini-batch
         return ce.sum() / sum(len(cache.encoded[i][0]) - cache.encoded[i][1] for i in idx)

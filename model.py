@@ -320,14 +320,15 @@ class MoE(nn.Module):
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
         # Every token goes through each of its k experts: no capacity limit, nothing is dropped.
-        for e in chosen.unique().tolist():
-            tok, slot = torch.where(chosen == e)  # (n_e,) tokens routed to expert e, and which of their k
-            # out[tok] += ...: index_put_, not index_add_, whose CPU kernel goes multi-threaded
-            # even for a few rows and then waits tens of ms for a thread when the cores are busy
-            out.index_put_((tok,), self.experts[e](x[tok]) * weights[tok, slot, None], accumulate=True)
+        # The (token, slot) pairs sorted by expert, split by each expert's count: the one value a
+        # GPU reports to the host per layer.
+        order = chosen.flatten().argsort(stable=True)  # (N*k,)
+        counts = (chosen[..., None] == torch.arange(len(self.experts), device=x.device)).sum((0, 1)).tolist()
+        parts = x[order // self.top_k].split(counts)
+        y = torch.cat([self.experts[e](part) for e, part in enumerate(parts) if counts[e]])  # (N*k, D) by expert
+        y = y.new_empty(y.shape).index_copy_(0, order, y).view(*chosen.shape, -1)  # (N, k, D) by token and slot
+        out = (y * weights.to(x.dtype)[..., None]).sum(1)
         out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
 
@@ -501,8 +502,8 @@ class Transformer(nn.Module):
             every token is real. positions: (B, T); derived from the mask when not given.
         stop_layer: return the hidden states entering that layer instead of logits.
         logits_at: None -> logits at every position (B, T, V); "last" -> (B, V) at the last
-            position; a bool (B, T) mask -> (N, V) at the True positions only, so the LM head
-            costs only what the loss needs.
+            position; a bool (B, T) mask, or its True positions as flat (B*T) indices -> (N, V)
+            there only, so the LM head costs only what the loss needs.
         segments: (B, T) ids of packed sequences (several sequences back to back in one row, no
             padding); a token attends only within its segment. Pass each token's `positions`
             within its own sequence with it (no cache).
@@ -526,8 +527,10 @@ class Transformer(nn.Module):
         h = h.to(self.lm_head.weight.device)
         if isinstance(logits_at, str):
             h = h[:, -1]  # "last"
-        elif logits_at is not None:
+        elif logits_at is not None and logits_at.dtype == torch.bool:
             h = h[logits_at.to(h.device)]  # (N, D): norm and head only where the loss looks
+        elif logits_at is not None:  # flat (B*T) positions, known on the host: a GPU need not report N
+            h = h.flatten(0, 1)[logits_at.to(h.device, non_blocking=True)]
         return self.lm_head(self.model.norm(h))
 
     def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:

@@ -116,6 +116,28 @@ def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module, packe
         assert ((gc - gf).norm() / gf.norm()).item() < 1e-5, n  # relative 1e-5 (fp32 rounding ~1e-7)
 
 
+@pytest.mark.parametrize("variant,waits", [("qwen2", {"_local_scalar_dense": 1}),  # the loss's value
+                                           ("qwen2-moe", {"_local_scalar_dense": 1, "tolist": 1})])  # + experts' counts
+def test_a_training_step_waits_for_the_device_once(tmp_path, variant, waits):
+    """Everything a step does on the host (packing, cache rows, target positions) is plain
+    Python, so the only values it needs back from a GPU are the loss (the skip rule needs it) and,
+    per sparse layer, how many tokens each expert takes. Counted on a CPU by bench/syncs.py."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from syncs import HostSyncs
+
+    make_checkpoint(tmp_path, variant)
+    m, tok = model_lib.load(tmp_path)
+    hp = edit.Hparams(layer=1, module="shared_expert.down_proj" if "moe" in variant else "down_proj")
+    _, cache, _ = edit.prepare(m, tok, random_edits(6, seed=2), hp)
+    for p in model_lib.select_params(m, 1, hp.module).values():
+        p.requires_grad_(True)
+    with HostSyncs() as syncs:  # layer 1 is the only sparse layer at or after L in qwen2-moe
+        loss = edit.batch_loss(m, cache, [4, 0, 5, 2], hp)
+        loss.item()
+        loss.backward()
+    assert dict(syncs.ops) == waits
+
+
 def test_select_params_names(ckpt):
     m, _ = model_lib.load(ckpt)
     assert list(model_lib.select_params(m, 2, "down_proj")) == ["model.layers.2.mlp.down_proj.weight"]
