@@ -42,6 +42,7 @@ import delta
 import evaluate
 import ftpp
 import model as model_lib
+import distributed
 from distributed import all_reduce, all_reduce_grads, world_and_rank
 import preflight
 from preflight import EditError, say
@@ -286,9 +287,8 @@ def run(args) -> Path | None:
                  seed=Hparams.seed if args.seed is None else args.seed)
     r = preflight.preflight(args, hp)
     talk = say if r.rank == 0 else (lambda line: None)  # under torchrun, process 0 alone prints and writes
-    if r.world > 1:
-        dist.init_process_group("nccl" if r.devices[0].startswith("cuda") else "gloo")
-        dist.barrier()  # every process has checked the paths before process 0 creates one
+    if distributed.launched():  # torchrun, with one process or more
+        distributed.init(r.devices[0])
     checkpoint = ckpt_lib.start(r.out, r.fingerprint, args.resume, STOP_LOSS)
     model, tok = model_lib.load(r.ckpt, device=r.devices, dtype=args.dtype)
     earlier = {}

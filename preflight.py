@@ -21,6 +21,7 @@ import torch
 import capability
 import data
 import delta
+import distributed
 import evaluate
 import ftpp
 import model as model_lib
@@ -54,10 +55,7 @@ def preflight(args, hp) -> Run:
     (or a loader's error) in one line."""
     check_args(args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1 and device == "cuda":  # torchrun: one process per GPU (or several on a CPU)
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    devices = check_devices(args.devices) if args.devices else [device]
+    devices = check_devices(args.devices) if args.devices else [process_device(args.device)]
     ckpt = Path(args.ckpt)
     margs = model_lib.read_args(ckpt)
     layer = resolve_layer(hp.layer, margs.n_layers)  # --layer and --module against this model
@@ -74,7 +72,7 @@ def preflight(args, hp) -> Run:
         Path("out") / f"{ckpt.resolve().name}-{Path(args.edits).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_paths(args, ckpt, out)
     batch = hp.batch_for(len(edits) * (hp.augment_prefixes + 1))
-    if len(devices) > 1 and (world > 1 or ftpp.active(hp)):
+    if args.devices and (world > 1 or len(devices) > 1 and ftpp.active(hp)):
         raise EditError("--devices runs LocFT-BF in one process without FT++ (no torchrun, no FT++ options)")
     if world > 1 and (hp.pipeline == "df" or ftpp.active(hp)):
         raise EditError("torchrun runs LocFT-BF without FT++ only (--pipeline df and the FT++ options run in one process)")
@@ -229,6 +227,30 @@ def check_args(args) -> None:
             raise EditError(f"--general-text {path}: file does not exist")
         if not ftpp.read_sentences(path):
             raise EditError(f"--general-text {path}: no sentences (empty lines and '#' lines are skipped)")
+
+
+def process_device(flag: str | None) -> str:
+    """This process's device: --device, else cuda when there is one, else cpu. Under torchrun
+    "cuda" is the process's own GPU, cuda:LOCAL_RANK; refused in one line: more processes on this
+    machine than it has GPUs, and one GPU named for several processes (NCCL takes one each)."""
+    device = flag or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise EditError(f"--device {device!r} is not a device (cpu, cuda, cuda:1)") from None
+    if d.type != "cuda":
+        return device
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (d.index or 0) >= gpus:
+        raise EditError(f"--device {device}: this machine has {gpus} CUDA devices")
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() else 1
+    if here > 1 and d.index is not None:
+        raise EditError(f"--device {device} under torchrun: all {here} processes of this machine would share it; "
+                        f"give --device cuda (process i takes cuda:i)")
+    if here > gpus:
+        raise EditError(f"torchrun started {here} processes on this machine, which has {gpus} CUDA devices: "
+                        f"one process per GPU (--nproc-per-node {gpus}), or --device cpu")
+    return f"cuda:{os.environ['LOCAL_RANK']}" if distributed.launched() and d.index is None else device
 
 
 def check_devices(spec: str) -> list[str]:
