@@ -39,6 +39,7 @@ import capability
 import checkpoint as ckpt_lib
 import data
 import delta
+import devices
 import evaluate
 import ftpp
 import model as model_lib
@@ -324,6 +325,8 @@ def run(args) -> Path | None:
     say(f"done: {len(r.edits)} edits, {log['epochs_run']} epochs, final loss {log['final_loss']:.4f}, "
         f"{log['seconds']:.1f}s -> {r.out}" + (f" (export: {args.export})" if args.export else ""))
     if args.eval:  # the model holds the weights before this run: evaluate them, then the trained tensors
+        if len(r.devices) == 1:  # in fp32 where it fits: scores that do not depend on the batch size
+            devices.to_evaluation_dtype(model, args.dtype, r.devices[0])
         tasks = capability.resolve(args.capability) if args.capability else ()
         report = evaluate.measure(model, tok, r.edits, None, trained, tasks, args.limit, say=say)
         evaluate.print_report(report)

@@ -180,6 +180,24 @@ def test_the_frozen_dtype_rule(stored, flag, device, expected):
     assert M.resolve_dtype(flag, args, device) == expected
 
 
+def test_evaluation_runs_in_fp32_where_it_fits(tmp_path, monkeypatch):
+    """On a GPU (its free memory faked) evaluation casts a bf16 model to fp32 when the fp32
+    weights take at most 80% of the free memory plus what the model holds; --dtype wins."""
+    import devices
+
+    make_checkpoint(tmp_path, "llama")
+    m, _ = M.load(tmp_path, dtype=torch.bfloat16)
+    m.args.torch_dtype = "bfloat16"  # as a bf16 checkpoint would say
+    held = sum(p.nbytes for p in m.parameters())  # the bf16 model: half the fp32 weights
+    fits = int(1.5 * held)  # 0.8 * (free + held) >= 2 * held
+    for free, flag, expected in ((fits - 8, None, torch.bfloat16), (fits + 8, "bfloat16", torch.bfloat16),
+                                 (fits + 8, None, torch.float32)):
+        monkeypatch.setattr(devices, "free_bytes", lambda device: free)
+        devices.to_evaluation_dtype(m, flag, "cuda:0")
+        assert {p.dtype for p in m.parameters()} == {expected} and m.inv_freq.dtype == torch.float32
+    assert devices.evaluation_dtype(None, m.args, "cpu", 10**12) == torch.float32
+
+
 def test_rope_frequencies_stay_fp32_when_the_weights_are_cast(tmp_path):
     """Loading in bf16, .to(dtype), .half() and .to_empty() cast or replace the weights; RoPE's
     frequencies stay the fp32 values (a bf16 inv_freq shifts the angles of far positions)."""
