@@ -6,8 +6,9 @@
 Each run is a subprocess that imports the project from its `--code` directory, builds the
 prefix cache, then trains `--epochs` epochs of LocFT-BF; the time per step is the training
 loop's own time (the log's epoch seconds, prefix pass excluded) over its steps, skipped ones
-included. Runs of the versions alternate, so a busy machine slows them alike; the table gives
-each version's median. Host syncs are counted on one step (batch loss, its value, backward)
+included, measured as the process's CPU time (`time.process_time`), so that other programs on
+a shared machine do not count; with one thread that is the work the loop does. Runs of the
+versions alternate; the table gives each version's median. Host syncs are counted on one step (batch loss, its value, backward)
 with bench/syncs.py. `--moe` times a small random Qwen2-MoE model instead (sparse layers: the
 routed experts' loop). A script, not a test: it never asserts timings.
 """
@@ -52,7 +53,12 @@ def one_run(a) -> dict:
     else:
         edits = data.load_edits(a.data, n=a.n)
     hp = edit.Hparams(layer=a.layer, batch_size=a.batch_size, epochs=a.epochs, lr=a.lr)
+    import time
+
+    wall = time.time
+    time.time = time.process_time  # the log's epoch seconds become this process's CPU seconds
     _, log = edit.edit(model, tok, edits, hp, say=lambda s: None)
+    time.time = wall
     steps = sum(e["steps"] + e["skipped"] for e in log["epochs"])
     seconds = sum(e["seconds"] for e in log["epochs"])
     _, cache, reg = edit.prepare(model, tok, edits, hp)
@@ -98,12 +104,12 @@ def main():
                 sys.exit(f"{c} failed:\n{out.stderr[-3000:]}")
             res = json.loads(lines[-1][len("RESULT "):])
             runs[c].append(res)
-            print(f"run {r + 1} {c}: {res['step_ms']:.1f} ms/step over {res['steps']} steps, epoch losses {res['epochs']}",
+            print(f"run {r + 1} {c}: {res['step_ms']:.1f} CPU ms/step over {res['steps']} steps, epoch losses {res['epochs']}",
                   flush=True)
     what = "random Qwen2-MoE (6 layers, 16 experts, top 4)" if a.moe else Path(a.ckpt).name
     print(f"{what}, layer {a.layer}, {a.n} edits, batch {a.batch_size}, {a.epochs} epochs, {a.threads} thread(s)")
     for c, rs in runs.items():
-        print(f"{c}: median {statistics.median(r['step_ms'] for r in rs):.1f} ms/step "
+        print(f"{c}: median {statistics.median(r['step_ms'] for r in rs):.1f} CPU ms/step "
               f"(runs {', '.join('%.1f' % r['step_ms'] for r in rs)}); host syncs per step {rs[0]['syncs']} "
               f"{rs[0]['sync_ops']}")
 
