@@ -83,20 +83,27 @@ def score_tokens(model, tok, requests: list[tuple[list[int], list[int]]], batch_
         ids, mask = left_pad(tok, [list(seqs[r]) for r in batch])
         T = ids.shape[1]
         first = {r: min(want[i][1] for i in users[r]) for r in batch}
-        at = torch.zeros(ids.shape, dtype=torch.bool)
-        for b, r in enumerate(batch):
-            at[b, T - len(seqs[r]) + first[r]:] = True  # only the positions that predict a cont token
-        logits = model(ids.to(dev), attention_mask=mask.to(dev), logits_at=at.to(dev)).float()  # (N, V)
-        lse, best = torch.logsumexp(logits, -1), logits.argmax(-1)
-        start = 0
+        # only the positions that predict a cont token, as flat (B*T) indices
+        at = [b * T + t for b, r in enumerate(batch) for t in range(T - len(seqs[r]) + first[r], T)]
+        logits = model(ids.to(dev, non_blocking=True), attention_mask=mask.to(dev, non_blocking=True),
+                       logits_at=torch.tensor(at)).float()  # (N, V)
+        # every request's rows and tokens, gathered at once: one transfer to the host per batch
+        k, target, start = [], [], 0
         for r in batch:
-            n = len(seqs[r]) - first[r]
             for i in users[r]:
                 _, pos, cont = want[i]
-                k = start + pos - first[r] + torch.arange(len(cont))
-                target = torch.tensor(cont, device=logits.device)
-                out[i] = ((logits[k, target] - lse[k]).sum().item(), bool((best[k] == target).all()))
-            start += n
+                k += range(start + pos - first[r], start + pos - first[r] + len(cont))
+                target += cont
+            start += len(seqs[r]) - first[r]
+        k, target = (torch.tensor(x).to(logits.device, non_blocking=True) for x in (k, target))
+        logp, hit = torch.stack([logits[k, target] - torch.logsumexp(logits[k], -1),
+                                 (logits[k].argmax(-1) == target).float()]).cpu()
+        n = 0
+        for r in batch:
+            for i in users[r]:
+                cont = want[i][2]
+                out[i] = (logp[n:n + len(cont)].sum().item(), bool(hit[n:n + len(cont)].all()))
+                n += len(cont)
     return out
 
 

@@ -3,6 +3,7 @@ output directories that appear whole or not at all. Nothing is ever half-written
 written under a temporary name and renamed into place; Ctrl-C leaves the last whole state."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -25,7 +26,12 @@ class Checkpoint:
     stop_loss: float  # a run whose last epoch's mean loss is below it had stopped early
 
     def save(self, state: dict, params: dict[str, nn.Parameter], log: dict):
-        """Write atomically: a temporary file renamed over the last checkpoint."""
+        """Write atomically: a temporary file renamed over the last checkpoint.
+
+        On a GPU this copies the trained tensors and Adam's two moments to the host every epoch
+        (3 x 4 bytes per trained weight: 0.8 GB for Qwen2.5-7B's down_proj). They are kept
+        because a resumed run is only the same run with Adam's moments; the copy is small next
+        to an epoch over thousands of edits."""
         if world_and_rank()[1] != 0:
             return
         state = {**state, "params": {n: p.detach().cpu() for n, p in params.items()}, "log": log,
@@ -57,12 +63,18 @@ class Interrupted(Exception):
 
 
 def start(out: Path, fingerprint: dict, resume: bool, stop_loss: float) -> Checkpoint:
-    """The run's OUT.partial directory (emptied unless resuming) and its checkpoint file."""
+    """The run's OUT.partial directory (emptied unless resuming) and its checkpoint file. The
+    fingerprint is also written alone, to fingerprint.json, before any checkpoint: it never
+    changes during a run, so --resume checks it without reading the checkpoint's tensors."""
     partial = partial_dir(out)
     if world_and_rank()[1] == 0:
         if partial.exists() and not resume:  # --overwrite: start over
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            tmp = partial / "fingerprint.json.tmp"
+            tmp.write_text(json.dumps(fingerprint))
+            os.replace(tmp, partial / "fingerprint.json")
     return Checkpoint(partial / "checkpoint.pt", fingerprint, stop_loss)
 
 

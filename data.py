@@ -7,12 +7,13 @@ would silently drop the EOS from training.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -341,6 +342,14 @@ class Batch:
     # packed batches only (see `pack`): each token's sequence number and position within it
     segments: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    # worked out on the host as the batch is built (`placed`), so that a GPU using them waits for
+    # nothing: in row-major order the target token ids, the flat (B*T) positions whose logits
+    # predict them, the sample each belongs to; the flat positions of the real tokens
+    labels: torch.Tensor | None = None
+    predict_at: torch.Tensor | None = None
+    sample_of_prediction: torch.Tensor | None = None
+    real_at: torch.Tensor | None = None
+    n_samples: int = 0
 
     @property
     def predict_mask(self) -> torch.Tensor:
@@ -349,34 +358,33 @@ class Batch:
         m[:, :-1] = self.target_mask[:, 1:]
         return m
 
-    @property
-    def labels(self) -> torch.Tensor:
-        """Target token ids, in the same row-major order as `logits[predict_mask]`."""
-        return self.ids[self.target_mask]
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.segments.max()) + 1 if self.segments is not None else self.ids.shape[0]
-
-    @property
-    def sample_of_prediction(self) -> torch.Tensor:
-        """Which sample each predicted target token belongs to, in `logits[predict_mask]` order."""
-        if self.segments is not None:
-            return self.segments[self.predict_mask]
-        return self.predict_mask.nonzero()[:, 0]
-
     def per_sample_mean(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-prediction values (N,), in `logits[predict_mask]` order -> the mean over each
         sample's target tokens (n_samples,), and each sample's token count."""
-        row, B = self.sample_of_prediction, self.n_samples
-        row = row.to(values.device)
+        row, B = self.sample_of_prediction.to(values.device), self.n_samples
         total = torch.zeros(B, device=values.device).index_add(0, row, values)
         count = torch.zeros(B, device=values.device).index_add(0, row, torch.ones_like(values))
         return total / count, count
 
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(*(move(t) for t in (self.ids, self.attention_mask, self.target_mask, self.segments, self.positions)))
+        """The batch on `device`; copies to a GPU do not block the host."""
+        move = lambda t: t.to(device, non_blocking=torch.device(device).type != "cpu") if torch.is_tensor(t) else t  # noqa: E731
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+
+def placed(B: int, T: int, where: list[tuple[int, int, tuple[list[int], int]]], **tensors) -> Batch:
+    """A (B, T) batch from its tensors and from where each sequence sits, (row, column, (ids,
+    n_prompt)) in row-major order: the host-side fields are counted here, in plain Python."""
+    labels, at, sample, real = [], [], [], []
+    for i, (row, col, (seq, n_prompt)) in enumerate(where):
+        start = row * T + col
+        labels += seq[n_prompt:]
+        at += range(start + n_prompt - 1, start + len(seq) - 1)  # one to the left of each target
+        sample += [i] * (len(seq) - n_prompt)
+        real += range(start, start + len(seq))
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Batch(**tensors, labels=long(labels), predict_at=long(at), sample_of_prediction=long(sample),
+                 real_at=long(real), n_samples=len(where))
 
 
 def pack(encoded: list[tuple[list[int], int]], row_tokens: int = 1024) -> Batch:
@@ -396,6 +404,7 @@ def pack(encoded: list[tuple[list[int], int]], row_tokens: int = 1024) -> Batch:
     ids, target = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
     attn, positions = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
     segments = torch.full(shape, -1, dtype=torch.long)
+    where = []
     for r, row in enumerate(rows):
         start = 0
         for i in row:
@@ -406,8 +415,9 @@ def pack(encoded: list[tuple[list[int], int]], row_tokens: int = 1024) -> Batch:
             target[r, start + n_prompt:end] = True
             segments[r, start:end] = i
             positions[r, start:end] = torch.arange(len(seq))
+            where.append((r, start, encoded[i]))
             start = end
-    return Batch(ids, attn, target, segments, positions)
+    return placed(*shape, where, ids=ids, attention_mask=attn, target_mask=target, segments=segments, positions=positions)
 
 
 def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:
@@ -421,7 +431,7 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:
         ids[b, : len(seq)] = torch.tensor(seq)
         attn[b, : len(seq)] = 1
         target[b, n_prompt: len(seq)] = True
-    return Batch(ids, attn, target)
+    return placed(B, T, [(b, 0, e) for b, e in enumerate(encoded)], ids=ids, attention_mask=attn, target_mask=target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,18 +456,16 @@ class PrefixCache:
         t0 = time.time()
         self.encoded, self.pad_id = encoded, pad_id
         self.model_device = model.device_of(layer)  # where training steps start from these states
-        lengths = torch.tensor([len(ids) for ids, _ in encoded])
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        shape, dtype = (int(self.offsets[-1]), model.args.dim), model.model.embed_tokens.weight.dtype
+        self.offsets = [0, *itertools.accumulate(len(ids) for ids, _ in encoded)]  # plain ints: no tensor op per batch
+        shape, dtype = (self.offsets[-1], model.args.dim), model.model.embed_tokens.weight.dtype
         if device == "disk":  # memory-mapped from a file in the temp dir ($TMPDIR), unlinked at once
             fd, path = tempfile.mkstemp(prefix="prefix-cache-")
             os.close(fd)
             self.h = torch.from_file(path, shared=True, size=shape[0] * shape[1], dtype=dtype).view(shape)
             os.unlink(path)  # the mapping stays; the file is gone when the process is, however it ends
-        else:
-            device = torch.device(device) if device else self.model_device
-            self.h = torch.empty(shape, dtype=dtype, device=device,
-                                 pin_memory=device.type == "cpu" and self.model_device.type == "cuda")
+        else:  # in host memory pageable, not pinned: each batch goes to a GPU through one pinned buffer
+            self.h = torch.empty(shape, dtype=dtype, device=torch.device(device) if device else self.model_device)
+        self.staging, self.staged = None, None
         device = self.h.device
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
         for s in range(0, len(order), batch_size):
@@ -468,16 +476,31 @@ class PrefixCache:
         self.seconds = time.time() - t0
 
     def rows_of(self, idx: list[int]) -> torch.Tensor:
-        """The cache rows of sequences `idx`, one after the other."""
-        return torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]).to(self.h.device)
+        """The cache rows of sequences `idx`, one after the other (on the host)."""
+        return torch.tensor([r for i in idx for r in range(self.offsets[i], self.offsets[i + 1])])
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Cache rows `rows` (on the host), on the model's device. From host memory to a GPU they
+        are gathered into one reusable pinned buffer and copied from there without blocking: a
+        pinned cache would lock memory in powers of two, a pageable copy would stall the GPU."""
+        if not (self.h.device.type == "cpu" and self.model_device.type == "cuda"):
+            return self.h[rows.to(self.h.device, non_blocking=True)].to(self.model_device, non_blocking=True)
+        if self.staged is not None:
+            self.staged.synchronize()  # the last batch's copy out of the buffer is done (long since)
+        if self.staging is None or len(self.staging) < len(rows):  # sized by the first (largest) batch
+            self.staging = torch.empty(len(rows), self.h.shape[1], dtype=self.h.dtype, pin_memory=True)
+        part = torch.index_select(self.h, 0, rows, out=self.staging[:len(rows)])
+        h = part.to(self.model_device, non_blocking=True)
+        self.staged = torch.cuda.Event()
+        self.staged.record(torch.cuda.current_stream(self.model_device))
+        return h
 
     def batch(self, idx: list[int], packed: bool = True) -> tuple[torch.Tensor, Batch]:
         """Sequences `idx` on the model's device: packed back to back (no compute on padding), or
         right-padded to the longest of them."""
         seqs = [self.encoded[i] for i in idx]
         b = pack(seqs, self.row_tokens) if packed else collate(seqs, self.pad_id)
-        real = b.segments >= 0 if packed else b.attention_mask.bool()
-        h = self.h.new_zeros(*b.ids.shape, self.h.shape[-1])
-        # packed rows hold the sequences in order too, so the real tokens line up with rows_of(idx)
-        h[real.to(h.device)] = self.h[self.rows_of(idx)]
-        return h.to(self.model_device, non_blocking=True), b.to(self.model_device)
+        b = b.to(self.model_device)
+        h = torch.zeros(b.ids.numel(), self.h.shape[-1], dtype=self.h.dtype, device=self.model_device)
+        h[b.real_at] = self.gather(self.rows_of(idx))  # the real tokens, in the order of rows_of(idx)
+        return h.view(*b.ids.shape, -1), b

@@ -3,9 +3,27 @@ trained tensors' gradients are summed over processes, so every process takes the
 Without torchrun every function here is the identity."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+
+def launched() -> bool:
+    """Started by torchrun (its environment is set), with one process or more."""
+    return "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def init(device: str):
+    """Join torchrun's process group: NCCL with each process on its own GPU, set before anything
+    touches CUDA (so "cuda" and NCCL's communicator mean that GPU, not GPU 0), gloo on CPUs."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    dist.barrier()  # every process has checked the paths before process 0 creates one
 
 
 def world_and_rank() -> tuple[int, int]:

@@ -39,9 +39,11 @@ import capability
 import checkpoint as ckpt_lib
 import data
 import delta
+import devices
 import evaluate
 import ftpp
 import model as model_lib
+import distributed
 from distributed import all_reduce, all_reduce_grads, world_and_rank
 import preflight
 from preflight import EditError, say
@@ -142,14 +144,15 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
     with trainable_copies(model, model_lib.select_params(model, hp.layer, hp.module)) as params:  # step 3
         opt = make_optimizer(params, hp)
         first = checkpoint.restore(params, opt, shuffle, log, say) + 1 if checkpoint and checkpoint.path.exists() else 1
+        stepped = None  # where the last optimiser step was taken
         for epoch in range(first, hp.epochs + 1):  # step 4
             te, total, steps, skipped = time.time(), 0.0, 0, 0
             order = torch.randperm(n, generator=shuffle).tolist()  # the whole set, reshuffled
             for s in range(0, n, bs):
-                idx = order[s:s + bs]  # a mini-batch
+                idx, where = order[s:s + bs], f"epoch {epoch}, step {s // bs + 1}"  # a mini-batch
                 loss = batch_loss(model, cache, idx, hp, reg)  # with torchrun: this process's share of it
                 value = all_reduce(loss.detach()).item()  # the mini-batch's loss, the same in every process
-                check_finite(value, f"epoch {epoch}, step {s // bs + 1}", hp)
+                check_finite(value, where, params, stepped, model, hp)
                 total += value * len(idx)  # the epoch's mean weighs each batch by its size
                 if value < STOP_LOSS:  # already learnt: no step
                     skipped += 1
@@ -159,7 +162,8 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
                     loss.backward()
                 all_reduce_grads(params)  # with torchrun: the sum over processes
                 opt.step()
-                steps += 1
+                steps, stepped = steps + 1, where
+            check_finite(0.0, f"the end of epoch {epoch}", params, stepped, model, hp, tensors=True)  # its last step
             mean = total / n
             log["epochs"].append({"epoch": epoch, "mean_loss": mean, "steps": steps, "skipped": skipped,
                                   "seconds": time.time() - te, **(reg.epoch_parts() if reg else {})})
@@ -191,19 +195,22 @@ def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=No
         for i in range(first, len(edits)):
             idx = list(range(i * per, (i + 1) * per))
             opt = make_optimizer(params, hp)  # fresh: no moments or step count from the last edit
-            steps = 0
+            steps, stepped = 0, None
             for steps in range(hp.max_steps + 1):
                 loss = batch_loss(model, cache, idx, hp, reg)
-                check_finite(loss.item(), f"edit {i}, step {steps + 1}", hp)
-                if loss.item() < STOP_LOSS or steps == hp.max_steps:  # learnt, or out of steps
+                value = loss.item()
+                check_finite(value, f"edit {i}, step {steps + 1}", params, stepped, model, hp)
+                if value < STOP_LOSS or steps == hp.max_steps:  # learnt, or out of steps
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            log["edits"].append({"edit": i, "steps": steps, "final_loss": loss.item()})
+                stepped = f"edit {i}, step {steps + 1}"
+            check_finite(0.0, f"the end of edit {i}", params, stepped, model, hp, tensors=True)
+            log["edits"].append({"edit": i, "steps": steps, "final_loss": value})
             if (i + 1) % every == 0 or i + 1 == len(edits):
                 el = time.time() - t0
-                say(f"edit {i + 1}/{len(edits)}: loss {loss.item():.4f}, steps {steps}, {el:.1f}s, "
+                say(f"edit {i + 1}/{len(edits)}: loss {value:.4f}, steps {steps}, {el:.1f}s, "
                     f"eta {fmt_seconds(el / (i + 1 - first) * (len(edits) - i - 1))}")
                 if checkpoint:
                     checkpoint.save({"epoch": i + 1}, params, log)  # the number of edits done
@@ -227,16 +234,29 @@ def batch_loss(model, cache: data.PrefixCache, idx: list[int], hp: Hparams, reg=
         if reg is not None:
             return reg.loss(model, idx, h, batch, hp.loss_avg)  # FT++: smoothing, general and local KL
         logits = model.forward_from(h, hp.layer, positions=batch.positions, segments=batch.segments,
-                                    logits_at=batch.predict_mask)  # (N, V), N target tokens
+                                    logits_at=batch.predict_at)  # (N, V), N target tokens
     ce = F.cross_entropy(logits.float(), batch.labels.to(logits.device), reduction="none")
     if hp.loss_avg == "token":  # LlamaFactory's: the mean over every target token of the mini-batch
         return ce.sum() / sum(len(cache.encoded[i][0]) - cache.encoded[i][1] for i in idx)
     return batch.per_sample_mean(ce)[0].sum() / len(idx)  # the authors': per edit, then over the batch
 
 
-def check_finite(loss: float, where: str, hp: Hparams):
+def check_finite(loss: float, where: str, params, stepped: str | None, model, hp: Hparams, tensors=False):
+    """Stop a run whose loss (or, with `tensors`, trained tensor) is not finite, saying which,
+    where, and what fits. Adam writes a non-finite gradient into the tensor at once (and with
+    lr <= 1 nothing else does), so a non-finite tensor names the gradient of the last step."""
+    bad = [n for n, p in params.items() if not torch.isfinite(p).all()] if tensors or not math.isfinite(loss) else []
+    overflow = f"an overflow in {str(model.model.embed_tokens.weight.dtype).removeprefix('torch.')}"
+    if bad:
+        raise EditError(f"the gradient of {bad[0]} was not finite at {stepped} (the loss was), so Adam made the "
+                        f"tensor non-finite: not the learning rate but the backward pass ({overflow} or a GPU "
+                        f"kernel's fault; try --dtype float32)")
+    if not math.isfinite(loss) and stepped is None:
+        raise EditError(f"the loss is {loss} at {where}, before any update: the frozen model's output is not finite "
+                        f"(a NaN or inf in the checkpoint's weights, or {overflow}; try --dtype float32)")
     if not math.isfinite(loss):
-        raise EditError(f"loss is {loss} at {where}; training diverged, try a lower --lr (now {hp.lr:g})")
+        raise EditError(f"the loss is {loss} at {where}, the trained tensors finite: training diverged, "
+                        f"try a lower --lr (now {hp.lr:g})")
 
 
 def fmt_seconds(s: float) -> str:
@@ -268,9 +288,8 @@ def run(args) -> Path | None:
                  seed=Hparams.seed if args.seed is None else args.seed)
     r = preflight.preflight(args, hp)
     talk = say if r.rank == 0 else (lambda line: None)  # under torchrun, process 0 alone prints and writes
-    if r.world > 1:
-        dist.init_process_group("nccl" if r.devices[0].startswith("cuda") else "gloo")
-        dist.barrier()  # every process has checked the paths before process 0 creates one
+    if distributed.launched():  # torchrun, with one process or more
+        distributed.init(r.devices[0])
     checkpoint = ckpt_lib.start(r.out, r.fingerprint, args.resume, STOP_LOSS)
     model, tok = model_lib.load(r.ckpt, device=r.devices, dtype=args.dtype)
     earlier = {}
@@ -306,6 +325,8 @@ def run(args) -> Path | None:
     say(f"done: {len(r.edits)} edits, {log['epochs_run']} epochs, final loss {log['final_loss']:.4f}, "
         f"{log['seconds']:.1f}s -> {r.out}" + (f" (export: {args.export})" if args.export else ""))
     if args.eval:  # the model holds the weights before this run: evaluate them, then the trained tensors
+        if len(r.devices) == 1:  # in fp32 where it fits: scores that do not depend on the batch size
+            devices.to_evaluation_dtype(model, args.dtype, r.devices[0])
         tasks = capability.resolve(args.capability) if args.capability else ()
         report = evaluate.measure(model, tok, r.edits, None, trained, tasks, args.limit, say=say)
         evaluate.print_report(report)

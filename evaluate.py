@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import capability
 import delta
 from data import Edit, EditFileError, check_context, collate, encode_edit, load_edits
+from devices import evaluation_dtype
 from generate import EDIT_STOP, MAX_NEW_TOKENS, cut_at_stop, greedy
 from model import CheckpointError, Tokenizer, load, parameter_shapes, read_args
 
@@ -100,9 +101,10 @@ def teacher_forced_argmax(model, encoded: list[tuple[list[int], int]], pad_id: i
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
         batch = collate([encoded[i] for i in rows], pad_id).to(dev)
-        pred = model(batch.ids, attention_mask=batch.attention_mask, logits_at=batch.predict_mask).argmax(-1)
-        for i, p in zip(rows, pred.split(batch.target_mask.sum(1).tolist())):
-            out[i] = p.tolist()
+        pred = model(batch.ids, attention_mask=batch.attention_mask, logits_at=batch.predict_at).argmax(-1).tolist()
+        for i in rows:  # one transfer per batch, split on the host
+            n = len(encoded[i][0]) - encoded[i][1]
+            out[i], pred = pred[:n], pred[n:]
     return out
 
 
@@ -207,7 +209,8 @@ def before_after(model, tok, edits: list[Edit], base: dict[str, torch.Tensor] | 
     if base:
         model.load_tensors(base)
     groups = probes(edits)
-    say(f"evaluating the base model on {sum(map(len, groups.values()))} prompts ({len(edits)} edits)")
+    say(f"evaluating the base model on {sum(map(len, groups.values()))} prompts ({len(edits)} edits, "
+        f"{str(next(model.parameters()).dtype).removeprefix('torch.')})")
     runs = {"base": score_weights(model, tok, groups, None, batch_size, max_new_tokens)}
     if edited is not None:
         say(f"evaluating the edited model ({time.time() - t0:.0f}s so far)")
@@ -364,8 +367,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the full report (metrics, per-edit outputs, capability) as JSON here")
     ap.add_argument("--text", help="with --edits, a text file: perplexity of base and edited model and KL(base || edited)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16, auto (the checkpoint's; "
-                                                  "default on CUDA)")
+    ap.add_argument("--dtype", default=None, help="float32 (the default wherever the fp32 model fits: scores then do "
+                                                  "not depend on --batch-size), bfloat16, auto (the checkpoint's)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     args = ap.parse_args(argv)
@@ -395,7 +398,8 @@ def main(argv=None) -> int:
                 raise ValueError(f"--text {args.text}: the text is shorter than two words")
         if args.delta:
             delta.check(args.delta, parameter_shapes(margs))
-        model, tok = load(args.ckpt, device=args.device, dtype=args.dtype)
+        n_params = sum(math.prod(s) for s in parameter_shapes(margs).values())
+        model, tok = load(args.ckpt, device=args.device, dtype=evaluation_dtype(args.dtype, margs, args.device, n_params))
         base = edited = None
         if args.delta:
             base = delta.apply(model, args.delta)

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from devices import resolve_dtype  # the dtype rule (also reachable as model.resolve_dtype)
 from tokenizer import CheckpointError, Tokenizer, read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "mistral")
@@ -183,7 +185,8 @@ class RMSNorm(nn.Module):
 
 def precompute_inv_freq(args: ModelArgs) -> torch.Tensor:
     """RoPE inverse frequencies, with Llama-3.1's frequency-dependent scaling when configured."""
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    steps = torch.arange(0, args.head_dim, 2, dtype=torch.float64, device="cpu")  # real values, also on "meta"
+    inv_freq = 1.0 / (args.rope_theta ** (steps / args.head_dim))
     s = args.rope_scaling
     if s is None:
         return inv_freq.float()
@@ -232,6 +235,29 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+MASKED_GPU_KERNELS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attend(q, k, v, mask, choose_kernel: bool | None = None) -> torch.Tensor:
+    """SDPA, causal or with a boolean mask; grouped-query attention: every group of
+    n_heads // n_kv_heads query heads shares a k/v head.
+
+    With a mask on a GPU (`choose_kernel` overrides the test), the kernel is chosen here, not by
+    torch: cuDNN's masked backward returns NaN gradients for some row lengths (T % 128 == 64,
+    pytorch#196678), flash takes no mask, and GQA with a mask would run the plain math kernel;
+    so k/v are expanded to every head and the memory-efficient kernel runs (math where it cannot)."""
+    if choose_kernel is None:
+        choose_kernel = mask is not None and q.is_cuda
+    if not choose_kernel:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    B, n_kv, S, hd = k.shape
+    group = q.shape[1] // n_kv
+    k, v = (t[:, :, None].expand(B, n_kv, group, S, hd).reshape(B, n_kv * group, S, hd) for t in (k, v))
+    with sdpa_kernel(MASKED_GPU_KERNELS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -256,11 +282,9 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_pos, k, v)  # (B, nkv, S, hd), S = cache_pos + T
-        # grouped-query attention: every group of n_heads // n_kv_heads query heads shares a k/v head
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
 
 
 class MLP(nn.Module):
@@ -296,14 +320,15 @@ class MoE(nn.Module):
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
         # Every token goes through each of its k experts: no capacity limit, nothing is dropped.
-        for e in chosen.unique().tolist():
-            tok, slot = torch.where(chosen == e)  # (n_e,) tokens routed to expert e, and which of their k
-            # out[tok] += ...: index_put_, not index_add_, whose CPU kernel goes multi-threaded
-            # even for a few rows and then waits tens of ms for a thread when the cores are busy
-            out.index_put_((tok,), self.experts[e](x[tok]) * weights[tok, slot, None], accumulate=True)
+        # The (token, slot) pairs sorted by expert, split by each expert's count: the one value a
+        # GPU reports to the host per layer.
+        order = chosen.flatten().argsort(stable=True)  # (N*k,)
+        counts = (chosen[..., None] == torch.arange(len(self.experts), device=x.device)).sum((0, 1)).tolist()
+        parts = x[order // self.top_k].split(counts)
+        y = torch.cat([self.experts[e](part) for e, part in enumerate(parts) if counts[e]])  # (N*k, D) by expert
+        y = y.new_empty(y.shape).index_copy_(0, order, y).view(*chosen.shape, -1)  # (N, k, D) by token and slot
+        out = (y * weights.to(x.dtype)[..., None]).sum(1)
         out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
 
@@ -400,6 +425,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", precompute_inv_freq(args), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype), .half(), .to_empty(): RoPE's frequencies are recomputed in fp32 where they
+        # now live, never cast (in bf16 they would turn far positions by visibly wrong angles)
+        super()._apply(fn, recurse)
+        self.inv_freq = precompute_inv_freq(self.args).to(self.inv_freq.device)
+        return self
+
     @property
     def layers(self):
         return self.model.layers
@@ -470,8 +502,8 @@ class Transformer(nn.Module):
             every token is real. positions: (B, T); derived from the mask when not given.
         stop_layer: return the hidden states entering that layer instead of logits.
         logits_at: None -> logits at every position (B, T, V); "last" -> (B, V) at the last
-            position; a bool (B, T) mask -> (N, V) at the True positions only, so the LM head
-            costs only what the loss needs.
+            position; a bool (B, T) mask, or its True positions as flat (B*T) indices -> (N, V)
+            there only, so the LM head costs only what the loss needs.
         segments: (B, T) ids of packed sequences (several sequences back to back in one row, no
             padding); a token attends only within its segment. Pass each token's `positions`
             within its own sequence with it (no cache).
@@ -495,8 +527,10 @@ class Transformer(nn.Module):
         h = h.to(self.lm_head.weight.device)
         if isinstance(logits_at, str):
             h = h[:, -1]  # "last"
-        elif logits_at is not None:
+        elif logits_at is not None and logits_at.dtype == torch.bool:
             h = h[logits_at.to(h.device)]  # (N, D): norm and head only where the loss looks
+        elif logits_at is not None:  # flat (B*T) positions, known on the host: a GPU need not report N
+            h = h.flatten(0, 1)[logits_at.to(h.device, non_blocking=True)]
         return self.lm_head(self.model.norm(h))
 
     def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
@@ -538,6 +572,7 @@ class Transformer(nn.Module):
             module.to_empty(device=devices[placement(name, self.args, len(devices))])
         if self.args.tie_word_embeddings:  # to_empty makes a new tensor for each; tie them again
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.inv_freq = precompute_inv_freq(self.args).to(self.device)  # fp32, and not in the checkpoint
         return self
 
 
@@ -576,25 +611,6 @@ def read_args(ckpt_dir) -> ModelArgs:
     if not path.exists():
         raise CheckpointError(f"{path}: missing (a checkpoint directory needs config.json)")
     return ModelArgs.from_config(read_json(path), str(path))
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs, device) -> torch.dtype:
-    """The one rule for the frozen model's dtype, for editing and evaluation alike: float32 on a
-    CPU (bf16 matrix products are several times slower there, and less exact), the checkpoint's
-    own dtype on a GPU; "auto" is the checkpoint's dtype anywhere. A `torch.dtype` is taken as is."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype is None:
-        dtype = "float32" if torch.device(device).type == "cpu" else "auto"
-    if dtype == "auto":
-        dtype = args.torch_dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"--dtype {dtype!r} is unknown: use auto, float32, bfloat16 or float16")
-    return DTYPES[dtype]
 
 
 def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -650,8 +666,7 @@ def load(ckpt_dir, device="cpu", dtype: str | torch.dtype | None = None) -> tupl
 
     with torch.device("meta"):
         model = Transformer(args)
-    model.place(devices).to(dtype)  # allocates only; nothing is initialised
-    model.inv_freq = precompute_inv_freq(args).to(model.device)  # fp32, and not in the checkpoint
+    model.to(dtype).place(devices)  # cast while nothing exists, then allocate: the peak is the model in its dtype
     params = dict(model.named_parameters())
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:

@@ -12,8 +12,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,9 +21,11 @@ import torch
 import capability
 import data
 import delta
+import distributed
 import evaluate
 import ftpp
 import model as model_lib
+from devices import device_name, free_bytes
 
 
 class EditError(ValueError):
@@ -55,10 +55,7 @@ def preflight(args, hp) -> Run:
     (or a loader's error) in one line."""
     check_args(args)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1 and device == "cuda":  # torchrun: one process per GPU (or several on a CPU)
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    devices = check_devices(args.devices) if args.devices else [device]
+    devices = check_devices(args.devices) if args.devices else [process_device(args.device)]
     ckpt = Path(args.ckpt)
     margs = model_lib.read_args(ckpt)
     layer = resolve_layer(hp.layer, margs.n_layers)  # --layer and --module against this model
@@ -75,7 +72,7 @@ def preflight(args, hp) -> Run:
         Path("out") / f"{ckpt.resolve().name}-{Path(args.edits).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_paths(args, ckpt, out)
     batch = hp.batch_for(len(edits) * (hp.augment_prefixes + 1))
-    if len(devices) > 1 and (world > 1 or ftpp.active(hp)):
+    if args.devices and (world > 1 or len(devices) > 1 and ftpp.active(hp)):
         raise EditError("--devices runs LocFT-BF in one process without FT++ (no torchrun, no FT++ options)")
     if world > 1 and (hp.pipeline == "df" or ftpp.active(hp)):
         raise EditError("torchrun runs LocFT-BF without FT++ only (--pipeline df and the FT++ options run in one process)")
@@ -91,6 +88,9 @@ def preflight(args, hp) -> Run:
         check_resume(partial_dir(out) / "checkpoint.pt", fingerprint)
     lengths = [len(data.encode_edit(tok, e.prompt, e.target)[0]) + prefix for e in edits for _ in range(hp.augment_prefixes + 1)]
     dtype = model_lib.resolve_dtype(args.dtype, margs, devices[0])
+    if dtype == torch.float16 and rank == 0:
+        say("note: float16 autocast has no loss scaling here; small gradients underflow (bfloat16, the GPU default "
+            "for float16 checkpoints, does not)")
     check_memory(memory_plan(margs, lengths, hp, dtype, devices, args.cache_device), say if rank == 0 else (lambda s: None))
     return Run(ckpt, out, edits, hp, devices, world, rank, fingerprint, parent)
 
@@ -140,8 +140,8 @@ def parse_args(argv, H) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--devices", default=None, metavar="LIST",
                    help="spread the model's layers over several devices of one machine: cuda:0,cuda:1,...")
-    p.add_argument("--dtype", default=None, help="frozen model dtype: float32 (default on CPU), bfloat16, "
-                                                 "auto (the checkpoint's; default on CUDA)")
+    p.add_argument("--dtype", default=None, help="frozen model dtype: float32 (default on CPU), bfloat16, auto (the "
+                                                 "checkpoint's; default on CUDA, but bfloat16 for float16 checkpoints)")
     p.add_argument("--cache-device", default=None, help="prefix cache device (default: the model's; cpu for 100K edits)")
     p.add_argument("--eval", action="store_true", help="evaluate before/after right after training (eval.json)")
     p.add_argument("--capability", nargs="?", const="paper", metavar="TASKS",
@@ -229,6 +229,30 @@ def check_args(args) -> None:
             raise EditError(f"--general-text {path}: no sentences (empty lines and '#' lines are skipped)")
 
 
+def process_device(flag: str | None) -> str:
+    """This process's device: --device, else cuda when there is one, else cpu. Under torchrun
+    "cuda" is the process's own GPU, cuda:LOCAL_RANK; refused in one line: more processes on this
+    machine than it has GPUs, and one GPU named for several processes (NCCL takes one each)."""
+    device = flag or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise EditError(f"--device {device!r} is not a device (cpu, cuda, cuda:1)") from None
+    if d.type != "cuda":
+        return device
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (d.index or 0) >= gpus:
+        raise EditError(f"--device {device}: this machine has {gpus} CUDA devices")
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() else 1
+    if here > 1 and d.index is not None:
+        raise EditError(f"--device {device} under torchrun: all {here} processes of this machine would share it; "
+                        f"give --device cuda (process i takes cuda:i)")
+    if here > gpus:
+        raise EditError(f"torchrun started {here} processes on this machine, which has {gpus} CUDA devices: "
+                        f"one process per GPU (--nproc-per-node {gpus}), or --device cpu")
+    return f"cuda:{os.environ['LOCAL_RANK']}" if distributed.launched() and d.index is None else device
+
+
 def check_devices(spec: str) -> list[str]:
     """--devices: every entry a device this machine has."""
     devices = [d.strip() for d in spec.split(",") if d.strip()]
@@ -288,8 +312,12 @@ def hparams_fingerprint(hp) -> dict:
 
 
 def check_resume(path: Path, fingerprint: dict):
-    """Refuse to continue a run made with other flags, other edits or another base."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)["fingerprint"]
+    """Refuse to continue a run made with other flags, other edits or another base. Reads the
+    small fingerprint.json beside the checkpoint (checkpoint.start writes it before the first
+    epoch), not the checkpoint with its tensors."""
+    small = path.with_name("fingerprint.json")
+    saved = json.loads(small.read_text()) if small.is_file() else \
+        torch.load(path, map_location="cpu", weights_only=True)["fingerprint"]  # a run of an older version
     for key in fingerprint:
         a, b = saved.get(key), fingerprint[key]
         if a != b:
@@ -306,11 +334,13 @@ def check_resume(path: Path, fingerprint: dict):
 def memory_plan(margs, lengths: list[int], hp, dtype: torch.dtype, devices: list[str], cache_device) -> dict:
     """What a run will hold, in bytes, computed from the config and the token counts alone: the
     frozen model (per device, placed as `Transformer.place` places it), the prefix cache (every
-    token once), the trained tensors with their gradient and Adam's two moments (fp32), and a
-    rough bound on one step's activations, which live with the trained layer."""
+    token once; in host memory or on disk for a GPU run, plus one batch's pinned buffer), the
+    trained tensors with their gradient and Adam's two moments (fp32), and a rough bound on one
+    step's activations, which live with the trained layer."""
     shapes = model_lib.parameter_shapes(margs)
     size = torch.finfo(dtype).bits // 8
     n = margs.n_layers
+    devices, cache_device = [device_name(d) for d in devices], cache_device and device_name(cache_device)
     trained = sum(math.prod(s) for s in model_lib.select_params_by_name(shapes, hp.layer, hp.module).values())
     bs = hp.batch_for(len(lengths))
     step_tokens = sum(sorted(lengths)[-bs:])  # the longest mini-batch there can be
@@ -325,21 +355,10 @@ def memory_plan(margs, lengths: list[int], hp, dtype: torch.dtype, devices: list
     need[edited] += plan["trained_and_adam"] + plan["activations"]
     cache = cache_device or edited
     need[cache] = need.get(cache, 0) + plan["prefix_cache"]  # "cpu" or "disk" when asked for
+    if cache in ("cpu", "disk") and edited.startswith("cuda"):  # a batch's pinned buffer, a power of two
+        need["cpu"] = need.get("cpu", 0) + (1 << (step_tokens * margs.dim * size - 1).bit_length())
     plan["need"] = need
     return plan
-
-
-def free_bytes(device: str) -> int | None:
-    """Memory free on `device` (None when unknown): the GPU's, the host's available memory, or
-    for "disk" the free space of the temporary directory."""
-    if device == "disk":
-        return shutil.disk_usage(tempfile.gettempdir()).free
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        return int(next(l for l in open("/proc/meminfo") if l.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        return None
 
 
 def check_memory(plan: dict, say=say):

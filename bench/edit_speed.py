@@ -35,6 +35,7 @@ import edit  # noqa: E402
 import evaluate  # noqa: E402
 import generate  # noqa: E402
 import model as model_lib  # noqa: E402
+import preflight  # noqa: E402
 
 SHAPES = {  # Qwen2.5-7B's and Qwen2.5-72B's configs, and a tiny one to test the code path on a CPU
     "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -177,18 +178,18 @@ def run_synthetic(a) -> dict:
     name = f"model.layers.{L}.mlp.down_proj.weight"
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(0)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the peak includes building the model, as loading it would
     if a.only == "ours":
         args = model_lib.ModelArgs.from_config({"model_type": "qwen2", **cfg_d})
         with torch.device("meta"):
             m = model_lib.Transformer(args)
-        m.place(devices).to(dtype)  # built in place, in bf16 on CUDA: never an fp32 copy anywhere
+        m.to(dtype).place(devices)  # cast on "meta", then allocated in bf16 on CUDA: never an fp32 copy
         with torch.no_grad():
             for n, p in m.named_parameters():
                 p.fill_(1.0) if n.endswith("norm.weight") else p.normal_(0, 0.02)
-        m.inv_freq = model_lib.precompute_inv_freq(args).to(m.device)
         m.requires_grad_(False).eval()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()  # from here: weights + what training needs
+        load_peak = _peak(dev)
         _sync(dev)
         t0 = time.time()  # the prefix cache is part of our run's time
         _, log = edit.edit(m, tok, edits, hp, cache_device=a.cache_device, say=say)
@@ -202,17 +203,25 @@ def run_synthetic(a) -> dict:
             hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg_d)).eval()
         torch.set_default_dtype(torch.float32)
         encoded = [data.encode_edit(tok, e.prompt, e.target) for e in edits]
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        load_peak = _peak(dev)
         _sync(dev)
         t0 = time.time()
         _, losses = train_hf(hf, encoded, pad, name, hp, say=say)
         _sync(dev)
         sec, epochs = time.time() - t0, len(losses)
-    mem = sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**30 \
-        if dev.type == "cuda" else float("nan")
-    return {"loop": a.only, "seconds": sec, "peak_gpu_gib": mem, "peak_rss_mb": peak_rss_mb(), "epochs": epochs,
-            "edits": a.n_synthetic}
+    plan = preflight.memory_plan(model_lib.ModelArgs.from_config({"model_type": "qwen2", **cfg_d}),
+                                 [len(data.encode_edit(tok, e.prompt, e.target)[0]) for e in edits], hp, dtype,
+                                 devices, a.cache_device)
+    return {"loop": a.only, "seconds": sec, "peak_gpu_gib": _peak(dev), "load_peak_gpu_gib": load_peak,
+            "plan_gpu_gib": sum(v for k, v in plan["need"].items() if k.startswith("cuda")) / 2**30,
+            "peak_rss_mb": peak_rss_mb(), "epochs": epochs, "edits": a.n_synthetic}
+
+
+def _peak(dev) -> float:
+    """The peak GPU memory so far (GiB, every GPU together); NaN on a CPU."""
+    if dev.type != "cuda":
+        return float("nan")
+    return sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**30
 
 
 def _sync(dev):
@@ -273,7 +282,8 @@ def main():
           f"{torch.get_num_threads()} threads")
     names = {"ours": "edit.py (prefix cache)", "hf": "transformers loop"}
     for loop, r in results.items():
-        extra = (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if a.gpu_synthetic else
+        extra = (f", peak GPU {r['peak_gpu_gib']:.2f} GiB (loading {r['load_peak_gpu_gib']:.2f}; "
+                 f"plan {r['plan_gpu_gib']:.2f})" if a.gpu_synthetic else
                  f", reliability {r['reliability']:.2f}")
         print(f"{names[loop]:24s} {r['seconds']:8.1f} s, {r['epochs']} epochs, peak RSS {r['peak_rss_mb']:.0f} MB{extra}")
     if "hf" in results:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 import edit
@@ -242,7 +243,7 @@ def test_ctrl_c_after_an_epoch_keeps_only_the_whole_checkpoint(base, many, tmp_p
     rc, err = interrupt("edit", args, "epoch 2/", tmp_path)
     assert rc == 130 and "--resume" in err
     assert [p.name for p in tmp_path.iterdir()] == ["out.partial"]
-    assert [p.name for p in (tmp_path / "out.partial").iterdir()] == ["checkpoint.pt"]
+    assert sorted(p.name for p in (tmp_path / "out.partial").iterdir()) == ["checkpoint.pt", "fingerprint.json"]
 
 
 def test_ctrl_c_during_evaluation_writes_no_report(base, many, tmp_path):
@@ -260,3 +261,44 @@ def test_more_processes_than_the_batch_is_refused(base, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "4 processes exceed the batch of 2" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def torchrun_env(monkeypatch, processes_here: int, gpus: int, local_rank: int = 0):
+    """This process as torchrun starts it, on a machine with `gpus` CUDA devices (faked)."""
+    for k, v in dict(WORLD_SIZE=processes_here, RANK=local_rank, LOCAL_RANK=local_rank,
+                     LOCAL_WORLD_SIZE=processes_here, MASTER_ADDR="localhost", MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+
+
+@pytest.mark.parametrize("processes,gpus,flags,words", [
+    (2, 1, [], ["torchrun started 2 processes on this machine, which has 1 CUDA devices", "--nproc-per-node 1"]),
+    (2, 2, ["--device", "cuda:0"], ["--device cuda:0 under torchrun", "give --device cuda"]),
+    (2, 2, ["--devices", "cuda:0"], ["--devices runs LocFT-BF in one process"]),
+    (1, 0, ["--device", "cuda"], ["--device cuda: this machine has 0 CUDA devices"])])
+def test_torchrun_and_gpu_devices_are_checked_in_one_line(base, tmp_path, capsys, monkeypatch, processes, gpus,
+                                                          flags, words):
+    torchrun_env(monkeypatch, processes, gpus)
+    monkeypatch.setattr(edit.model_lib, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
+    rc = edit.main([a.format(w=base) for a in E[:-1]] + [str(tmp_path / "out"), "--batch-size", "2", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
+    """Process 1 of 2 on a 2-GPU machine: cuda:1, set as the current device before NCCL starts,
+    and given to init_process_group, so the communicator need not guess."""
+    import distributed
+
+    torchrun_env(monkeypatch, 2, 2, local_rank=1)
+    device = preflight.process_device(None)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: None)
+    distributed.init(device)
+    assert device == "cuda:1"
+    assert calls == [("set_device", torch.device("cuda:1")), ("nccl", {"device_id": torch.device("cuda:1")})]

@@ -153,6 +153,63 @@ def test_hidden_states_and_forward_from_compose(tmp_path):
     torch.testing.assert_close(part, full[mask.bool()], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_masked_attention_on_the_gpu_kernels_equals_torchs_choice(n_kv):
+    """What a masked call runs on CUDA (k/v expanded to every head, no cuDNN, no flash) gives
+    torch's own masked GQA result, forward and backward; on a CPU the chosen list runs math."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, n_kv, 9, 8, generator=g, requires_grad=True) for _ in range(2))
+    segments = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    mask = torch.ones(9, 9, dtype=torch.bool).tril() & (segments[:, None, :, None] == segments[:, None, None, :])
+    outs = [M.attend(q, k, v, mask, choose_kernel=c) for c in (False, True)]
+    grads = [torch.autograd.grad(o.square().sum(), (q, k, v)) for o in outs]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stored,flag,device,expected", [
+    ("float16", None, "cuda", torch.bfloat16),  # fp16 autocast would train without loss scaling
+    ("float16", "auto", "cuda", torch.float16),  # asked for: the checkpoint's own
+    ("bfloat16", None, "cuda:1", torch.bfloat16), ("float32", None, "cuda", torch.float32),
+    ("float16", None, "cpu", torch.float32), ("bfloat16", "float16", "cpu", torch.float16)])
+def test_the_frozen_dtype_rule(stored, flag, device, expected):
+    args = M.ModelArgs.from_config(dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                        intermediate_size=128, vocab_size=100, torch_dtype=stored))
+    assert M.resolve_dtype(flag, args, device) == expected
+
+
+def test_evaluation_runs_in_fp32_where_it_fits(tmp_path, monkeypatch):
+    """On a GPU (its free memory faked) evaluation casts a bf16 model to fp32 when the fp32
+    weights take at most 80% of the free memory plus what the model holds; --dtype wins."""
+    import devices
+
+    make_checkpoint(tmp_path, "llama")
+    m, _ = M.load(tmp_path, dtype=torch.bfloat16)
+    m.args.torch_dtype = "bfloat16"  # as a bf16 checkpoint would say
+    held = sum(p.nbytes for p in m.parameters())  # the bf16 model: half the fp32 weights
+    fits = int(1.5 * held)  # 0.8 * (free + held) >= 2 * held
+    for free, flag, expected in ((fits - 8, None, torch.bfloat16), (fits + 8, "bfloat16", torch.bfloat16),
+                                 (fits + 8, None, torch.float32)):
+        monkeypatch.setattr(devices, "free_bytes", lambda device: free)
+        devices.to_evaluation_dtype(m, flag, "cuda:0")
+        assert {p.dtype for p in m.parameters()} == {expected} and m.inv_freq.dtype == torch.float32
+    assert devices.evaluation_dtype(None, m.args, "cpu", 10**12) == torch.float32
+
+
+def test_rope_frequencies_stay_fp32_when_the_weights_are_cast(tmp_path):
+    """Loading in bf16, .to(dtype), .half() and .to_empty() cast or replace the weights; RoPE's
+    frequencies stay the fp32 values (a bf16 inv_freq shifts the angles of far positions)."""
+    make_checkpoint(tmp_path, "llama3.1-rope")
+    m, _ = M.load(tmp_path, dtype=torch.bfloat16)
+    exact = M.precompute_inv_freq(m.args)
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+    for cast in (lambda m: m, lambda m: m.to(torch.float16), lambda m: m.half(), lambda m: m.to_empty(device="cpu")):
+        m = cast(m)
+        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, exact)
+
+
 def test_config_spellings_old_and_new_agree():
     new = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                intermediate_size=128, vocab_size=100, dtype="bfloat16",

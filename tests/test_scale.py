@@ -1,6 +1,7 @@
 """Scale: a killed run resumes to the same delta, torchrun's processes add up to one, the prefix
 cache's memory is what the plan says, on disk as in memory."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -79,6 +80,40 @@ def test_a_killed_run_resumes_to_the_same_delta_bit_for_bit(ckpt, tmp_path):
     assert [e["mean_loss"] for e in la] == [e["mean_loss"] for e in lb]
 
 
+def test_loading_peaks_at_the_model_in_its_dtype_which_the_plan_bounds(ckpt):
+    """Every CPU allocation while loading in bf16, as the profiler records them: the peak is the
+    bf16 model the plan counts, not an fp32 copy first (on CUDA the same code allocates the
+    same way). safetensors maps each file it reads (the page cache, gone with the file): those
+    allocations, of exactly a file's size, are left out."""
+    from itertools import accumulate
+
+    from torch.profiler import ProfilerActivity, profile
+
+    mapped = {f.stat().st_size for f in model_lib.checkpoint_files(ckpt)}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        m, _ = model_lib.load(ckpt, dtype=torch.bfloat16)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage and
+                     not (e.name == "[memory]" and abs(e.self_cpu_memory_usage) in mapped)), key=lambda e: e.time_range.start)
+    peak = max(accumulate(e.self_cpu_memory_usage for e in events))
+    plan = preflight.memory_plan(m.args, [8] * 4, edit.Hparams(layer=2), torch.bfloat16, ["cpu"], None)
+    print(f"load peak {peak} bytes, the bf16 model {plan['model']}, fp32 {2 * plan['model']}")
+    assert plan["model"] == sum(p.nbytes for p in m.parameters())
+    assert peak <= plan["need"]["cpu"] and peak < 1.01 * plan["model"]
+
+
+def test_resume_reads_the_fingerprint_alone(tmp_path):
+    """--resume compares the run's fingerprint.json, written before any checkpoint, and never
+    reads the checkpoint's tensors to do it (here they are not even readable)."""
+    import checkpoint as ckpt_lib
+
+    fingerprint = {"hparams": {"lr": 0.002, "layer": 2}, "edits": "ab12", "base": {"w": "cd34"}, "base_delta": None}
+    c = ckpt_lib.start(tmp_path / "out", fingerprint, resume=False, stop_loss=1e-2)
+    c.path.write_bytes(b"not a checkpoint")
+    preflight.check_resume(c.path, json.loads(json.dumps(fingerprint)))
+    with pytest.raises(preflight.EditError, match="lr=0.002, this one 0.001"):
+        preflight.check_resume(c.path, {**fingerprint, "hparams": {"lr": 0.001, "layer": 2}})
+
+
 def test_torchrun_two_processes_match_one(ckpt, tmp_path):
     """gloo, two CPU processes, each taking half of every mini-batch: the same per-epoch losses
     and the same delta as one process, up to the order of fp32 sums."""
@@ -116,6 +151,13 @@ def test_prefix_cache_on_disk_equals_in_memory_and_the_plan_is_exact(ckpt):
     assert plan["model"] == sum(p.nbytes for p in m.parameters())
     assert plan["trained_and_adam"] == 4 * m.get_parameter("model.layers.2.mlp.down_proj.weight").nbytes
     assert preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], "disk")["need"]["disk"] == 50 * m.args.dim * 4
+    # "cuda" and "cuda:0" are one device: the model and a cache named either way add up there
+    one = preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda"], "cuda:0")["need"]
+    assert list(one) == ["cuda:0"]
+    # a cache in host memory for a GPU run: the cache, pageable, and one batch's pinned buffer
+    # (5 sequences of 10 tokens, batch 1: 10 x dim x 4 bytes, in the power of two the pinned allocator takes)
+    host = preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda:0"], "cpu")["need"]["cpu"]
+    assert host == 50 * m.args.dim * 4 + 4096 == 50 * m.args.dim * 4 + 2 ** math.ceil(math.log2(10 * m.args.dim * 4))
     two = preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda:0", "cuda:1"], None)["need"]
     assert two["cuda:0"] + two["cuda:1"] == plan["model"] + plan["trained_and_adam"] + 50 * m.args.dim * 4 + \
         preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], None)["activations"]
