@@ -40,10 +40,10 @@ import checkpoint as ckpt_lib
 import data
 import delta
 import devices
+import distributed
 import evaluate
 import ftpp
 import model as model_lib
-import distributed
 from distributed import all_reduce, all_reduce_grads, world_and_rank
 import preflight
 from preflight import EditError, say

@@ -324,7 +324,7 @@ def test_prefix_cache_in_host_memory_gives_the_on_device_results(ckpt, tmp_path,
         host, device = (data.PrefixCache(on_b, enc, tok.pad_id, 2, d) for d in ("cpu", None))
         assert host.h.device == torch.device("cpu") and device.h.device == SECOND
         for packed in (True, False):
-            (h1, b1), (h2, b2) = host.batch(idx, packed), device.batch(idx, packed)
+            (h1, b1), (h2, _) = host.batch(idx, packed), device.batch(idx, packed)
             assert h1.device == h2.device == SECOND and b1.ids.device == SECOND
         losses = [edit.batch_loss(on_b, c, idx, hp) for c in (host, device)]
     assert torch.equal(host.h, device.h) and torch.equal(*losses)
