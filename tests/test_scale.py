@@ -209,10 +209,11 @@ def where(t: torch.Tensor) -> torch.device:
 
 
 class TwoDevices(TorchFunctionMode):
-    """Two devices on a CPU-only machine, as strict as two GPUs: a tensor tagged with SECOND
-    reports `.device == cpu:1`; `.to(cpu:1)` and factories given device=cpu:1 tag their results
-    (`.to("cpu")` untags); any other op takes its inputs' device, and one whose inputs are on
-    both devices raises, as a CUDA kernel does (0-dim tensors excepted, as CPU scalars are)."""
+    """Two devices on a CPU-only machine, as strict as two GPUs: the plain CPU is the first, and
+    a tensor tagged with SECOND reports `.device == cpu:1`; `.to(cpu:1)` and factories given
+    device=cpu:1 tag their results (`.to("cpu")` untags); any other op takes its inputs' device,
+    and one whose inputs are on both raises, as a CUDA kernel does (0-dim tensors excepted, as
+    CPU scalars are)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -220,8 +221,8 @@ class TwoDevices(TorchFunctionMode):
             return where(args[0])
         target = None
         if func is torch.Tensor.to:
-            for a in (*args[1:], kwargs.get("device")):
-                if isinstance(a, (str, torch.device)) or isinstance(a, torch.Tensor):
+            for a in (*args[1:], kwargs.get("device")):  # .to(device), .to(tensor), .to(device=...)
+                if isinstance(a, (str, torch.device, torch.Tensor)):
                     target = where(a) if isinstance(a, torch.Tensor) else torch.device(a)
                     break
         elif func is torch.Tensor.cpu:
@@ -324,8 +325,8 @@ def test_prefix_cache_in_host_memory_gives_the_on_device_results(ckpt, tmp_path,
         host, device = (data.PrefixCache(on_b, enc, tok.pad_id, 2, d) for d in ("cpu", None))
         assert host.h.device == torch.device("cpu") and device.h.device == SECOND
         for packed in (True, False):
-            (h1, b1), (h2, _) = host.batch(idx, packed), device.batch(idx, packed)
-            assert h1.device == h2.device == SECOND and b1.ids.device == SECOND
+            (h1, b1), (h2, b2) = host.batch(idx, packed), device.batch(idx, packed)
+            assert h1.device == h2.device == b1.ids.device == b2.ids.device == SECOND
         losses = [edit.batch_loss(on_b, c, idx, hp) for c in (host, device)]
     assert torch.equal(host.h, device.h) and torch.equal(*losses)
     assert torch.equal(losses[0], edit.batch_loss(m, data.PrefixCache(m, enc, tok.pad_id, 2), idx, hp))
