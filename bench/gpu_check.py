@@ -152,10 +152,10 @@ def check_attention(c):
     grad_out = torch.randn(1, 4, T, D, generator=g)
 
     def grads(choose, device, dt):
-        x = [t.to(device, dt).requires_grad_() for t in (q, k, v)]
+        x = [t.detach().to(device, dt, copy=True).requires_grad_() for t in (q, k, v)]
         y = model_lib.attend(*x, mask.to(device), choose_kernel=choose)
         y.backward(grad_out.to(device, dt))
-        return [t.grad.float().cpu() for t in x]
+        return [t.grad.detach().to("cpu", torch.float32, copy=True) for t in x]
 
     ours, ref = grads(None, c.dev, dtype), grads(True, "cpu", torch.float32)
     finite = all(torch.isfinite(t).all() for t in ours)
