@@ -368,23 +368,32 @@ class Batch:
 
     def to(self, device) -> "Batch":
         """The batch on `device`; copies to a GPU do not block the host."""
-        move = lambda t: t.to(device, non_blocking=torch.device(device).type != "cpu") if torch.is_tensor(t) else t  # noqa: E731
-        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+        to_gpu = torch.device(device).type != "cpu"
+        return Batch(**{f.name: (lambda t: t.to(device, non_blocking=to_gpu) if torch.is_tensor(t) else t)(getattr(self, f.name))
+                        for f in fields(self)})
 
 
-def placed(B: int, T: int, where: list[tuple[int, int, tuple[list[int], int]]], **tensors) -> Batch:
-    """A (B, T) batch from its tensors and from where each sequence sits, (row, column, (ids,
-    n_prompt)) in row-major order: the host-side fields are counted here, in plain Python."""
+def placed(B: int, T: int, where: list[tuple[int, int, tuple[list[int], int]]], pad_id: int = 0,
+           packed: bool = False) -> Batch:
+    """A (B, T) batch of (ids, n_prompt) sequences, each at its (row, column), given in row-major
+    order; built in plain Python, the host-side fields (target ids, the positions that predict
+    them, ...) included, so that nothing about it has to be asked of a GPU."""
+    n = B * T
+    ids, attn, target, seg, pos = [pad_id] * n, [0] * n, [False] * n, [-1] * n, [0] * n
     labels, at, sample, real = [], [], [], []
     for i, (row, col, (seq, n_prompt)) in enumerate(where):
-        start = row * T + col
+        s, e = row * T + col, row * T + col + len(seq)
+        ids[s:e], attn[s:e], seg[s:e], pos[s:e] = seq, [1] * len(seq), [i] * len(seq), range(len(seq))
+        target[s + n_prompt:e] = [True] * (len(seq) - n_prompt)
         labels += seq[n_prompt:]
-        at += range(start + n_prompt - 1, start + len(seq) - 1)  # one to the left of each target
+        at += range(s + n_prompt - 1, e - 1)  # one to the left of each target
         sample += [i] * (len(seq) - n_prompt)
-        real += range(start, start + len(seq))
-    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return Batch(**tensors, labels=long(labels), predict_at=long(at), sample_of_prediction=long(sample),
-                 real_at=long(real), n_samples=len(where))
+        real += range(s, e)
+    grid = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype).view(B, T)  # noqa: E731
+    flat = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Batch(grid(ids), grid(attn), grid(target, torch.bool), grid(seg) if packed else None,
+                 grid(pos) if packed else None, labels=flat(labels), predict_at=flat(at),
+                 sample_of_prediction=flat(sample), real_at=flat(real), n_samples=len(where))
 
 
 def pack(encoded: list[tuple[list[int], int]], row_tokens: int = 1024) -> Batch:
@@ -399,39 +408,19 @@ def pack(encoded: list[tuple[list[int], int]], row_tokens: int = 1024) -> Batch:
         if rows[-1] and used + len(ids) > row_tokens:
             rows.append([])
         rows[-1].append(i)
-    T = max(sum(len(encoded[j][0]) for j in row) for row in rows)
-    shape = (len(rows), T)
-    ids, target = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
-    attn, positions = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
-    segments = torch.full(shape, -1, dtype=torch.long)
-    where = []
+    where = []  # (row, column, sequence), in the order of `encoded`
     for r, row in enumerate(rows):
-        start = 0
+        col = 0
         for i in row:
-            seq, n_prompt = encoded[i]
-            end = start + len(seq)
-            ids[r, start:end] = torch.tensor(seq)
-            attn[r, start:end] = 1
-            target[r, start + n_prompt:end] = True
-            segments[r, start:end] = i
-            positions[r, start:end] = torch.arange(len(seq))
-            where.append((r, start, encoded[i]))
-            start = end
-    return placed(*shape, where, ids=ids, attention_mask=attn, target_mask=target, segments=segments, positions=positions)
+            where.append((r, col, encoded[i]))
+            col += len(encoded[i][0])
+    return placed(len(rows), max(sum(len(encoded[j][0]) for j in row) for row in rows), where, packed=True)
 
 
 def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:
     """Right-pad a list of (ids, n_prompt) into a Batch; the target mask comes from lengths."""
     T = max(len(ids) for ids, _ in encoded)
-    B = len(encoded)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.long)
-    target = torch.zeros(B, T, dtype=torch.bool)
-    for b, (seq, n_prompt) in enumerate(encoded):
-        ids[b, : len(seq)] = torch.tensor(seq)
-        attn[b, : len(seq)] = 1
-        target[b, n_prompt: len(seq)] = True
-    return placed(B, T, [(b, 0, e) for b, e in enumerate(encoded)], ids=ids, attention_mask=attn, target_mask=target)
+    return placed(len(encoded), T, [(b, 0, e) for b, e in enumerate(encoded)], pad_id)
 
 
 # ----------------------------------------------------------------------------------------------

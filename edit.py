@@ -248,7 +248,7 @@ def check_finite(loss: float, where: str, params, stepped: str | None, model, hp
     bad = [n for n, p in params.items() if not torch.isfinite(p).all()] if tensors or not math.isfinite(loss) else []
     overflow = f"an overflow in {str(model.model.embed_tokens.weight.dtype).removeprefix('torch.')}"
     if bad:
-        raise EditError(f"the gradient of {bad[0]} was not finite at {stepped} (the loss was), so Adam made the "
+        raise EditError(f"the gradient of {bad[0]} was not finite at {stepped} (its loss was), so Adam made the "
                         f"tensor non-finite: not the learning rate but the backward pass ({overflow} or a GPU "
                         f"kernel's fault; try --dtype float32)")
     if not math.isfinite(loss) and stepped is None:

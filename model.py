@@ -286,7 +286,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()

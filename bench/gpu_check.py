@@ -152,10 +152,10 @@ def check_attention(c):
     grad_out = torch.randn(1, 4, T, D, generator=g)
 
     def grads(choose, device, dt):
-        x = [t.to(device, dt).requires_grad_() for t in (q, k, v)]
+        x = [t.detach().to(device, dt, copy=True).requires_grad_() for t in (q, k, v)]
         y = model_lib.attend(*x, mask.to(device), choose_kernel=choose)
         y.backward(grad_out.to(device, dt))
-        return [t.grad.float().cpu() for t in x]
+        return [t.grad.detach().to("cpu", torch.float32, copy=True) for t in x]
 
     ours, ref = grads(None, c.dev, dtype), grads(True, "cpu", torch.float32)
     finite = all(torch.isfinite(t).all() for t in ours)
@@ -185,7 +185,8 @@ def check_load(c):
                      not (e.name == "[memory]" and abs(e.self_cpu_memory_usage) in mapped)), key=lambda e: e.time_range.start)
         peak = max(accumulate(e.self_cpu_memory_usage for e in ev))
     plan = preflight.memory_plan(m.args, [16] * 8, hp, next(m.parameters()).dtype, [c.dev], None)
-    ok = next(m.parameters()).dtype == torch.bfloat16 and peak <= 1.01 * plan["model"] + 2**21  # + the allocator's rounding
+    slack = 2**21 if c.dev == "cuda" else 4096  # the CUDA allocator's rounding; RoPE's table
+    ok = next(m.parameters()).dtype == torch.bfloat16 and peak <= 1.01 * plan["model"] + slack
     report("PASS" if ok else "FAIL", "load", f"peak {peak / 2**20:.1f} MiB while loading, the plan's bf16 model "
            f"{plan['model'] / 2**20:.1f} MiB (an fp32 copy first would be {2 * plan['model'] / 2**20:.1f})")
 

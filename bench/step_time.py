@@ -52,7 +52,8 @@ def one_run(a) -> dict:
         edits = [data.Edit(pick(10), pick(3)) for _ in range(a.n)]
     else:
         edits = data.load_edits(a.data, n=a.n)
-    hp = edit.Hparams(layer=a.layer, batch_size=a.batch_size, epochs=a.epochs, lr=a.lr)
+    hp = edit.Hparams(layer=a.layer, batch_size=a.batch_size, epochs=a.epochs, lr=a.lr,
+                      module="shared_expert.down_proj" if a.moe else "down_proj")  # every MoE layer is sparse
     import time
 
     wall = time.time
