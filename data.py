@@ -461,7 +461,7 @@ class PrefixCache:
             idx = order[s:s + batch_size]
             b = collate([encoded[i] for i in idx], pad_id)
             h = model.hidden_states(b.ids, layer=layer)  # (B, T, D); no mask needed: right padding
-            self.h[self.rows_of(idx)] = h[b.attention_mask.bool().to(h.device)].to(device)  # real tokens, in order
+            self.h[self.rows_of(idx).to(device)] = h[b.attention_mask.bool().to(h.device)].to(device)  # real tokens, in order
         self.seconds = time.time() - t0
 
     def rows_of(self, idx: list[int]) -> torch.Tensor:
