@@ -97,6 +97,17 @@ def setup(a, n: int, limit: int, text: str | None = None):
     return lab, edits, edit.Hparams(layer=preflight.resolve_layer(a.layer, lab.model.args.n_layers))
 
 
+def edit_set(files: str, n: int) -> list:
+    """The first `n` edits of comma-separated edit files taken in turn (2,000 ZsRE then 1,000
+    WikiBigEdit for 3,000 questions); fewer than `n` records in all is an error."""
+    edits = []
+    for f in files.split(","):
+        edits += data.load_edits(f, n=n - len(edits)) if len(edits) < n else []
+    if len(edits) < n:
+        raise SystemExit(f"--edits {files}: {len(edits)} records in all, fewer than --n {n}")
+    return edits
+
+
 def show(row: dict) -> dict:
     """Print one finished run as a JSON line (the table comes at the end), and return it."""
     print(json.dumps(row), flush=True)
