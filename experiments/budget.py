@@ -61,6 +61,7 @@ def train(lab, edits, hp, work: Path) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     work.mkdir(parents=True, exist_ok=True)
+    common.write_atomic(work / "edits.json", lambda p: p.write_text(json.dumps([e.to_json() for e in edits])))
     snaps = Snapshots(work / "checkpoint.pt", {}, edit.STOP_LOSS)
     t0 = time.time()
     _, log = edit.edit(lab.model, lab.tok, edits, hp, checkpoint=snaps)
