@@ -117,18 +117,24 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: edit.py's")
     p.add_argument("--every", type=int, default=10, help="score every this many epochs (and the rules' stops)")
     p.add_argument("--work", default=str(common.ROOT / "out" / "budget"), help="the runs' state and tensors")
-    a, _, _ = common.parse(p, argv, n=None)
+    p.add_argument("--score-now", action="store_true",
+                   help="score the epochs saved so far while another process trains (no table)")
+    a, _, _ = common.parse(p, argv, n=None, capability_flags=False)
     model, tok = model_lib.load(a.ckpt)
-    lab = common.Lab(model, tok, [], 0, a.capability_data)
+    lab = common.Lab(model, tok, [], 0, None)
     edits = common.edit_set(a.edits, a.n)
     hp = edit.Hparams(layer=preflight.resolve_layer(a.layer, lab.model.args.n_layers), epochs=a.cap,
                       patience=0, **{k: v for k, v in (("batch_size", a.batch_size), ("lr", a.lr)) if v is not None})
     tag = tag_of(a, hp)
     work = Path(a.work) / tag
-    log = train(lab, edits, hp, work)
+    if a.score_now:  # the log so far, from the training process's last checkpoint
+        log = torch.load(work / "checkpoint.pt", weights_only=True)["log"]
+        log["n_edits"] = len(edits)
+    else:
+        log = train(lab, edits, hp, work)
     epochs = log["epochs"]
-    stops = rule_stops(epochs, a.cap)
-    wanted = sorted({e for e in range(a.every, len(epochs) + 1, a.every)} | set(stops.values()) | {1, len(epochs)})
+    stops = {} if a.score_now else rule_stops(epochs, a.cap)
+    wanted = sorted({e for e in range(a.every, len(epochs) + 1, a.every)} | set(stops.values()) | {len(epochs)})
     encoded = [data.encode_edit(lab.tok, e.prompt, e.target) for e in edits]
     cache = data.PrefixCache(lab.model, encoded, lab.tok.pad_id, hp.layer)
     scores = work / "scores"
@@ -147,7 +153,8 @@ def main(argv=None):
             common.write_atomic(f, lambda p: p.write_text(json.dumps(s)))
             print(f"scored epoch {e} in {time.time() - t0:.0f}s", flush=True)
         rows.append(common.show(summary(e, log, json.loads(f.read_text()))))
-    write(a, argv, tag, hp, log, stops, rows)
+    if not a.score_now:
+        write(a, argv, tag, hp, log, stops, rows)
 
 
 def write(a, argv, tag, hp, log, stops, rows):

@@ -110,7 +110,7 @@ def main(argv=None):
     p.add_argument("--text", default=str(common.ROOT / "data" / "heldout_text.txt"), help="held-out text for the drift")
     p.add_argument("--work", default=str(common.ROOT / "out" / "capacity"), help="finished cells")
     p.add_argument("--reuse", default=None, metavar="DIR", help="budget.py's --work: take the tensor from its runs")
-    a, _, _ = common.parse(p, argv, n=None)
+    a, _, _ = common.parse(p, argv, n=None, capability_flags=False)
     ns = [int(x) for x in (a.ns or ("20,50" if a.quick else "100,300,1000,2000")).split(",")]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def main(argv=None):
             continue
         if lab is None:
             model, tok = model_lib.load(a.ckpt)
-            lab = common.Lab(model, tok, [], 0, a.capability_data)
+            lab = common.Lab(model, tok, [], 0, None)
             hp = edit.Hparams(layer=preflight.resolve_layer(a.layer, model.args.n_layers))
             names = model_lib.select_params(model, hp.layer, hp.module)
             lab.originals = {k: v.detach().clone() for k, v in names.items()}
