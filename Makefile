@@ -34,6 +34,6 @@ experiments: install capability
 	$(PY) experiments/bf_vs_df.py --edits $(ZSRE) --limit 10 $(QUICK)
 	$(PY) experiments/batch_size.py --edits $(ZSRE) --limit 10 $(QUICK)
 	$(PY) experiments/location.py --edits $(ZSRE) $(if $(QUICK),,--n 50 --every 6) --capability small --limit 10 $(QUICK)
-	$(PY) experiments/n_edits.py --edits $(ZSRE) $(if $(QUICK),,--ns 100,300,1000) --limit 10 $(QUICK)
+	$(PY) experiments/capacity.py --edits $(ZSRE) $(if $(QUICK),,--ns 100,300,1000) $(QUICK)
 	$(PY) experiments/prefix_aug.py --edits $(COUNTERFACT) --limit 10 $(QUICK)
 	$(PY) experiments/ftpp.py --edits $(COUNTERFACT) $(if $(QUICK),,--n 100) --limit 10 $(QUICK)

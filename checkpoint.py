@@ -54,8 +54,8 @@ class Checkpoint:
             shuffle.set_state(state["shuffle"])
         log.update(state["log"])
         say(f"resuming from {self.path} after {'epoch' if opt is not None else 'edit'} {state['epoch']}")
-        stopped = log.get("epochs") and log["epochs"][-1]["mean_loss"] < self.stop_loss
-        return 10**9 if stopped else state["epoch"]  # a run that had stopped early trains no more
+        stopped = log.get("stop") or (log.get("epochs") and log["epochs"][-1]["mean_loss"] < self.stop_loss)
+        return 10**9 if stopped else state["epoch"]  # a run that had stopped (budget.py) trains no more
 
 
 class Interrupted(Exception):

@@ -11,7 +11,8 @@ The method ("Fine-tuning Done Right in Model Editing"), in the order `locft_bf` 
    that trains, with Adam;
 4. breadth-first: every epoch shuffles the whole edit set and walks it in mini-batches; a step
    is skipped when its batch loss is already below 1e-2, and training stops once an epoch's
-   mean loss is below 1e-2.
+   mean loss is below 1e-2 (or when more epochs stop helping: budget.py);
+5. the end: which edits are learnt, read off one teacher-forced pass (learnt.py).
 `depth_first` is the pipeline the paper argues against (one edit at a time, each to
 convergence), written the same way so the two can be compared. FT++'s regularisers (ftpp.py)
 enter the loss in one line of `batch_loss`. Around the method, and kept out of it: every check
@@ -35,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import budget
 import capability
 import checkpoint as ckpt_lib
 import data
@@ -43,6 +45,7 @@ import devices
 import distributed
 import evaluate
 import ftpp
+import learnt as learnt_lib
 import model as model_lib
 from distributed import all_reduce, all_reduce_grads, world_and_rank
 import preflight
@@ -60,7 +63,9 @@ class Hparams:
     module: str = "down_proj"
     lr: float = 2e-3
     batch_size: int | None = None  # None: auto_batch_size(number of training sequences)
-    epochs: int = 25
+    epochs: int = 100  # at most; budget.py stops a run earlier once the set is learnt or more epochs stop helping
+    patience: int = 10  # plateau: this many epochs without a new edit learnt or a min_gain cut of the loss
+    min_gain: float = 0.1
     optimizer: str = "adam"
     weight_decay: float = 0.0
     seed: int = 0  # the per-epoch shuffle
@@ -80,8 +85,9 @@ class Hparams:
 
 
 def auto_batch_size(n: int) -> int:
-    """Few edits need more steps, not more epochs: aim at >= ~10 optimiser steps per epoch."""
-    return min(100, max(1, math.ceil(n / 10)))
+    """Edits need optimiser steps, not only epochs: >= ~10 steps per epoch, and at most 32 edits
+    per step (docs/budget.md: 1,000 edits learn about 3x as fast per epoch in batches of 32 as of 100)."""
+    return min(32, max(1, math.ceil(n / 10)))
 
 
 @contextmanager
@@ -146,12 +152,14 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
         first = checkpoint.restore(params, opt, shuffle, log, say) + 1 if checkpoint and checkpoint.path.exists() else 1
         stepped = None  # where the last optimiser step was taken
         for epoch in range(first, hp.epochs + 1):  # step 4
-            te, total, steps, skipped = time.time(), 0.0, 0, 0
+            te, total, steps, skipped, hits = time.time(), 0.0, 0, 0, []
             order = torch.randperm(n, generator=shuffle).tolist()  # the whole set, reshuffled
             for s in range(0, n, bs):
                 idx, where = order[s:s + bs], f"epoch {epoch}, step {s // bs + 1}"  # a mini-batch
-                loss = batch_loss(model, cache, idx, hp, reg)  # with torchrun: this process's share of it
-                value = all_reduce(loss.detach()).item()  # the mini-batch's loss, the same in every process
+                loss = batch_loss(model, cache, idx, hp, reg, hits)  # with torchrun: this process's share of it
+                both = all_reduce(torch.stack([loss.detach().float(), hits.pop().float().to(loss.device)]))
+                value, hits_b = both.tolist()  # the mini-batch's loss and sequences already learnt, in every process
+                hits.append(int(hits_b))  # (teacher-forced, before this step: learnt.py)
                 check_finite(value, where, params, stepped, model, hp)
                 total += value * len(idx)  # the epoch's mean weighs each batch by its size
                 if value < STOP_LOSS:  # already learnt: no step
@@ -165,18 +173,21 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
                 steps, stepped = steps + 1, where
             check_finite(0.0, f"the end of epoch {epoch}", params, stepped, model, hp, tensors=True)  # its last step
             mean = total / n
-            log["epochs"].append({"epoch": epoch, "mean_loss": mean, "steps": steps, "skipped": skipped,
-                                  "seconds": time.time() - te, **(reg.epoch_parts() if reg else {})})
+            log["epochs"].append({"epoch": epoch, "mean_loss": mean, "learnt": sum(hits), "steps": steps,
+                                  "skipped": skipped, "seconds": time.time() - te, **(reg.epoch_parts() if reg else {})})
+            log["stop"] = budget.stop(log["epochs"], hp, STOP_LOSS)  # None: train on
             eta = (time.time() - t0) / (epoch - first + 1) * (hp.epochs - epoch)
-            say(f"epoch {epoch}/{hp.epochs}: loss {mean:.4f}, steps {steps} (skipped {skipped}), "
-                f"{time.time() - te:.1f}s, eta {fmt_seconds(eta)}")
+            say(f"epoch {epoch}/{hp.epochs}: loss {mean:.4f}, learnt {sum(hits)}/{n}, steps {steps} (skipped "
+                f"{skipped}), {time.time() - te:.1f}s, eta {fmt_seconds(eta)}" + (f"; {log['stop']}" if log["stop"] else ""))
             if checkpoint:  # crash-safe: a killed run loses at most the epoch it was in
                 checkpoint.save({"epoch": epoch, "opt": opt.state_dict(), "shuffle": shuffle.get_state()}, params, log)
-            if mean < STOP_LOSS:  # early stop: the whole edit set is learnt
+            if log["stop"]:
                 break
         trained = {name: p.detach().clone() for name, p in params.items()}
+        log["learnt"] = learnt_lib.report(model, tok, cache, edits, hp.augment_prefixes + 1, hp.layer, say)
     mean = log["epochs"][-1]["mean_loss"]
     log.update(epochs_run=len(log["epochs"]), final_loss=mean, stopped_early=mean < STOP_LOSS)
+    budget.advise(log, hp, say)  # at the epoch cap with edits not learnt: what to change
     return trained, finish_log(log, edits, encoded, hp, reg, t0)
 
 
@@ -220,21 +231,26 @@ def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=No
     return trained, finish_log(log, edits, encoded, hp, reg, t0)
 
 
-def batch_loss(model, cache: data.PrefixCache, idx: list[int], hp: Hparams, reg=None) -> torch.Tensor:
+def batch_loss(model, cache: data.PrefixCache, idx: list[int], hp: Hparams, reg=None, learnt=None) -> torch.Tensor:
     """The objective on training sequences `idx`: layers L.. from the cache, the LM head only at
     the positions that predict a target token, cross-entropy on those tokens. Under torchrun each
-    process computes its share of `idx`, weighted so that the shares add up to the whole."""
+    process computes its share of `idx`, weighted so that the shares add up to the whole. Given a
+    list `learnt`, the number of the share's sequences already learnt (learnt.py) is appended."""
     world, rank = world_and_rank()
     share = idx[rank::world]
     if not share:
+        if learnt is not None:
+            learnt.append(torch.zeros((), device=cache.model_device))
         return torch.zeros((), device=cache.model_device)
     h, batch = cache.batch(share, packed=reg is None)  # FT++ reads right-padded rows
     frozen = model.model.embed_tokens.weight.dtype  # bf16 on a GPU: autocast the trained fp32 copy too
     with torch.autocast(h.device.type, dtype=frozen, enabled=frozen != torch.float32):
         if reg is not None:
-            return reg.loss(model, idx, h, batch, hp.loss_avg)  # FT++: smoothing, general and local KL
+            return reg.loss(model, idx, h, batch, hp.loss_avg, learnt)  # FT++: smoothing, general and local KL
         logits = model.forward_from(h, hp.layer, positions=batch.positions, segments=batch.segments,
                                     logits_at=batch.predict_at)  # (N, V), N target tokens
+    if learnt is not None:  # free: the argmax of logits this step computes anyway
+        learnt.append(learnt_lib.per_sequence(logits.detach(), batch).sum())
     ce = F.cross_entropy(logits.float(), batch.labels.to(logits.device), reduction="none")
     if hp.loss_avg == "token":  # LlamaFactory's: the mean over every target token of the mini-batch
         return ce.sum() / sum(len(cache.encoded[i][0]) - cache.encoded[i][1] for i in idx)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from data import PrefixCache, encode_edit
+from learnt import per_sequence
 
 
 def active(hp) -> bool:
@@ -139,8 +140,9 @@ class FTPP:
         self.parts = {}
         return means
 
-    def loss(self, model, idx: list[int], h: torch.Tensor, batch, loss_avg: str = "sample") -> torch.Tensor:
-        """The FT++ objective for one right-padded mini-batch (rows `idx` of the training set)."""
+    def loss(self, model, idx: list[int], h: torch.Tensor, batch, loss_avg: str = "sample", learnt=None) -> torch.Tensor:
+        """The FT++ objective for one right-padded mini-batch (rows `idx` of the training set);
+        given a list `learnt`, the number of its sequences already learnt is appended."""
         hp, L = self.hp, self.hp.layer
         rows = torch.as_tensor(idx, device=h.device)
         pm = batch.predict_mask
@@ -151,6 +153,8 @@ class FTPP:
         sel = pm | local
         logits = model.forward_from(h, L, logits_at=sel)  # one pass: target and relation positions
         ce_new, n_new = batch.per_sample_mean(F.cross_entropy(logits[pm[sel]].float(), batch.labels, reduction="none"))
+        if learnt is not None:
+            learnt.append(per_sequence(logits[pm[sel]].detach(), batch).sum())
         per_sample = ce_new
         if hp.smooth_alpha:
             h_old, b_old = self.old_cache.batch(idx, packed=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import budget
 import capability
 import data
 import delta
@@ -114,7 +115,15 @@ def parse_args(argv, H) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=H.lr, help=f"learning rate (default {H.lr:g})")
     p.add_argument("--batch-size", type=int, default=H.batch_size,
                    help="mini-batch size (default min(100, ceil(n/10)): at least ~10 steps per epoch)")
-    p.add_argument("--epochs", type=int, default=H.epochs)
+    p.add_argument("--epochs", type=int, default=H.epochs, help=f"at most (default {H.epochs}); see --patience")
+    p.add_argument("--patience", type=int, default=H.patience, metavar="P",
+                   help=f"stop when P epochs learn no new edit and cut the loss by less than --min-gain "
+                        f"(default {H.patience}; 0: off)")
+    p.add_argument("--authors-budget", nargs=0, action=Preset, const=budget.AUTHORS,
+                   help="the LocFT authors' budget: 25 epochs of batch 100, no plateau stop (the same as "
+                        "--epochs 25 --batch-size 100 --patience 0; a later flag overrides; theirs is --lr 5e-4 too)")
+    p.add_argument("--min-gain", type=float, default=H.min_gain, metavar="G",
+                   help=f"with --patience: the relative loss cut that counts as progress (default {H.min_gain:g})")
     p.add_argument("--optimizer", choices=["adam", "adamw"], default=H.optimizer)
     p.add_argument("--weight-decay", type=float, default=H.weight_decay)
     p.add_argument("--seed", type=int, default=None,
@@ -160,6 +169,14 @@ def parse_args(argv, H) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class Preset(argparse.Action):
+    """A flag that stands for several: sets each of `const` (dest -> value) as if given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for dest, value in self.const.items():
+            setattr(namespace, dest, value)
+
+
 def resolve_layer(spec, n_layers: int) -> int:
     """--layer as an index, a negative index or a relative depth p in (0,1) -> layer round(p*N)-1."""
     valid = f"this model has layers 0..{n_layers - 1} (or -{n_layers}..-1, or a fraction in (0,1))"
@@ -198,6 +215,10 @@ def check_args(args) -> None:
     for flag, v in positive.items():
         if v is not None and v <= 0:
             raise EditError(f"{flag} must be positive, got {v}")
+    if args.patience < 0:
+        raise EditError(f"--patience must be 0 (off) or positive, got {args.patience}")
+    if not 0 <= args.min_gain < 1:
+        raise EditError(f"--min-gain must be in [0, 1), got {args.min_gain}")
     if not 0 < args.lr <= 1:  # NaN fails too; above 1, Adam's steps overflow and nothing is learnt
         raise EditError(f"--lr must be in (0, 1], got {args.lr}")
     if not 0 <= args.augment_prefixes <= len(data.PREFIXES):

@@ -125,7 +125,7 @@ def run_one(a) -> dict:
     ckpt = Path(a.ckpt)
     edits = data.load_edits(a.data, n=a.n)
     hp = edit.Hparams(layer=a.layer, module="down_proj", lr=a.lr, batch_size=a.batch_size, epochs=a.epochs,
-                      seed=a.seed)
+                      seed=a.seed, patience=0)  # the transformers loop has no plateau stop
     name = f"model.layers.{a.layer}.mlp.down_proj.weight"
     quiet = (lambda s: print(s, file=sys.stderr, flush=True)) if a.verbose else (lambda s: None)
     if a.only == "ours":
@@ -174,7 +174,7 @@ def run_synthetic(a) -> dict:
     edits = [data.Edit(rand(int(torch.randint(8, 17, (1,), generator=g))), rand(int(torch.randint(2, 7, (1,), generator=g))))
              for _ in range(a.n_synthetic)]
     tok = IdTokenizer(eos, pad)
-    hp = edit.Hparams(layer=L, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, seed=a.seed)
+    hp = edit.Hparams(layer=L, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, seed=a.seed, patience=0)
     name = f"model.layers.{L}.mlp.down_proj.weight"
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(0)

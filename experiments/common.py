@@ -41,24 +41,26 @@ def parser(doc: str, edits: str = ZSRE) -> argparse.ArgumentParser:
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv, n=(100, 20), limit=(20, 5), layer=True):
+def parse(p: argparse.ArgumentParser, argv, n=(100, 20), limit=(20, 5), layer=True, capability_flags=True):
     """Adds the shared flags and parses. `n` and `limit` are the defaults of --n and --limit
-    without and with --quick (n=None: the script has no --n); `layer`: whether it has --layer.
+    without and with --quick (n=None: the script has no --n); `layer`: whether it has --layer;
+    `capability_flags`: whether it scores capability (--capability, --limit, --capability-data).
     Returns the arguments as given (they go into NAME.json), then the --n and --limit in force."""
     if n:
         p.add_argument("--n", type=int, default=None, help=f"edits (default {n[0]}; --quick {n[1]})")
         p.add_argument("--seed", type=int, default=None, help="with --n: a random subset of the file")
     if layer:
         p.add_argument("--layer", default=str(edit.Hparams.layer))
-    p.add_argument("--capability", default="all", help="capability tasks (evaluate.py --capability)")
-    p.add_argument("--limit", type=int, default=None,
-                   help=f"capability documents per task (default {limit[0]}; --quick {limit[1]})")
-    p.add_argument("--capability-data", default=str(capability.DATA_DIR))
+    if capability_flags:
+        p.add_argument("--capability", default="all", help="capability tasks (evaluate.py --capability)")
+        p.add_argument("--limit", type=int, default=None,
+                       help=f"capability documents per task (default {limit[0]}; --quick {limit[1]})")
+        p.add_argument("--capability-data", default=str(capability.DATA_DIR))
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     a = p.parse_args(argv)
     pick = lambda given, defaults: given or (defaults[1] if a.quick else defaults[0])  # noqa: E731
-    return a, (pick(a.n, n) if n else None), pick(a.limit, limit)
+    return a, (pick(a.n, n) if n else None), (pick(a.limit, limit) if capability_flags else None)
 
 
 @dataclass
@@ -95,6 +97,17 @@ def setup(a, n: int, limit: int, text: str | None = None):
     lab = load(a, limit, text)
     edits = data.load_edits(a.edits, n=n, seed=a.seed)
     return lab, edits, edit.Hparams(layer=preflight.resolve_layer(a.layer, lab.model.args.n_layers))
+
+
+def edit_set(files: str, n: int) -> list:
+    """The first `n` edits of comma-separated edit files taken in turn (2,000 ZsRE then 1,000
+    WikiBigEdit for 3,000 questions); fewer than `n` records in all is an error."""
+    edits = []
+    for f in files.split(","):
+        edits += data.load_edits(f, n=n - len(edits)) if len(edits) < n else []
+    if len(edits) < n:
+        raise SystemExit(f"--edits {files}: {len(edits)} records in all, fewer than --n {n}")
+    return edits
 
 
 def show(row: dict) -> dict:

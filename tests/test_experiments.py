@@ -102,7 +102,6 @@ CHECKED = {
     "bf_vs_df": (["--n", "6"], {"run": "depth-first (batch 1)"}, 6, dict(layer=1, pipeline="df")),
     "batch_size": (["--n", "6", "--batch-sizes", "1,3"], {"batch_size": 3}, 6, dict(layer=1, batch_size=3)),
     "location": (["--n", "6", "--layers", "0,2"], {"layer": 2, "module": "mlp"}, 6, dict(layer=2, module="mlp")),
-    "n_edits": (["--ns", "4,8"], {"n": 8}, 8, dict(layer=1)),
     "prefix_aug": (["--n", "6", "--k", "2"], {"run": "LocFT-BF + 2 prefixes"}, 6, dict(layer=1, augment_prefixes=2)),
     "ftpp": (["--n", "6"], {"run": "all three"}, 6, dict(layer=1, smooth_alpha=0.1, general_kl=1.0, local_kl=1.0)),
 }
@@ -176,3 +175,21 @@ def test_location_sweep_resumes_from_the_cells_it_has(setup, tmp_path, monkeypat
     monkeypatch.setattr(location.edit, "edit", lambda *a, **k: calls.append(a[3].module) or real(*a, **k))
     location.main(args)
     assert calls == ["attn"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_capacity_and_budget_write_their_tables_and_resume(setup, tmp_path):
+    """capacity.py: one row per edit count, every cell stored and skipped when found; budget.py:
+    the long run's tensors, scored at the epochs asked for and where each rule stops."""
+    common = ["--ckpt", str(setup / "ckpt"), "--edits", str(setup / "edits.json"), "--layer", "1", "--out", str(tmp_path)]
+    script("capacity").main([*common, "--ns", "4,8", "--work", str(tmp_path / "cells")])
+    rows = json.loads((tmp_path / "capacity.json").read_text())["rows"]
+    assert [r["n"] for r in rows] == [4, 8] and all({"reliability", "learnt", "kl_per_token", "edits_per_param"} <= set(r) for r in rows)
+    assert (tmp_path / "capacity.png").read_bytes()[:4] == b"\x89PNG"
+    stored = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
+    script("capacity").main([*common, "--ns", "4,8", "--work", str(tmp_path / "cells")])  # found: nothing trains
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == stored
+    script("budget").main([*common, "--n", "6", "--cap", "3", "--every", "2", "--work", str(tmp_path / "runs")])
+    result = json.loads(next((tmp_path / "budget").glob("*.json")).read_text())
+    assert len(result["epochs"]) == 3 and [r["epoch"] for r in result["rows"]] == [2, 3]
+    assert set(result["stops"]) >= {"cap only", "P10-G0.1"} and len(list((tmp_path / "runs").glob("*/snaps/e*.pt"))) == 3
