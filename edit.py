@@ -15,7 +15,7 @@ The method ("Fine-tuning Done Right in Model Editing"), in the order `locft_bf` 
 5. the end: which edits are learnt, read off one teacher-forced pass (learnt.py).
 `depth_first` is the pipeline the paper argues against (one edit at a time, each to
 convergence), written the same way so the two can be compared. FT++'s regularisers (ftpp.py)
-enter the loss in one line of `batch_loss`. Around the method, and kept out of it: every check
+and the retain term (retain.py) each enter the loss in one line of `batch_loss`. Around the method, and kept out of it: every check
 before a weight is read (preflight.py), crash-safe state and atomic outputs (checkpoint.py),
 torchrun (distributed.py).
 """
@@ -47,6 +47,7 @@ import evaluate
 import ftpp
 import learnt as learnt_lib
 import model as model_lib
+import retain
 from distributed import all_reduce, all_reduce_grads, world_and_rank
 import preflight
 from preflight import EditError, say
@@ -78,6 +79,13 @@ class Hparams:
     general_kl: float = 0.0
     general_text: str = str(Path(__file__).resolve().parent / "data" / "general_text.txt")
     local_kl: float = 0.0
+    # retain (retain.py): unrelated prompts keep the base model's answers; off by default
+    retain: bool = False
+    retain_weight: float = 1.0
+    retain_pool: int | None = None  # prompts in the pool; None: one per edit
+    retain_tokens: int = 4  # the first k tokens of each base continuation
+    retain_from: str | None = None  # an edit file whose records (those not edited) give the pool
+    retain_file: str | None = None  # or the user's prompts, one per line
 
     def batch_for(self, n: int) -> int:
         """The mini-batch size for `n` training sequences."""
@@ -119,8 +127,8 @@ def make_optimizer(params: dict[str, nn.Parameter], hp: Hparams) -> torch.optim.
 
 
 def prepare(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say):
-    """Steps 1 and 2: the training sequences, their prefix cache at layer L, and FT++'s cached
-    base distributions (None when FT++ is off), all computed while the model is the base."""
+    """Steps 1 and 2: the training sequences, their prefix cache at layer L, FT++'s cached base
+    distributions and the retain pool's (None when off), all computed while the model is the base."""
     k = hp.augment_prefixes  # each edit's k prefixed copies follow it
     pairs = data.augment_prefixes(edits, k, hp.seed) if k else [(e.prompt, e.target) for e in edits]
     encoded = [data.encode_edit(tok, p, t) for p, t in pairs]  # prompt + " " + answer + EOS
@@ -130,7 +138,8 @@ def prepare(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, 
         per = [e for e in edits for _ in range(k + 1)]
         reg = ftpp.FTPP(model, tok, pairs, [e.subject for e in per], [e.old_answer for e in per], encoded,
                         cache, hp, say)
-    return encoded, cache, reg
+    keep = retain.Retain(model, tok, retain.pool(edits, hp, say), len(encoded), hp, cache_device) if hp.retain else None
+    return encoded, cache, reg, keep
 
 
 def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say, checkpoint=None):
@@ -138,7 +147,7 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
     ({name: trained fp32 tensor}, log); the model is left exactly as it was. With `checkpoint`
     (a path), the state after every epoch is saved there, and a run finding one continues it."""
     t0 = time.time()
-    encoded, cache, reg = prepare(model, tok, edits, hp, cache_device, say)  # steps 1, 2
+    encoded, cache, reg, keep = prepare(model, tok, edits, hp, cache_device, say)  # steps 1, 2
     n = len(encoded)
     bs = hp.batch_size or auto_batch_size(n)
     log = {"batch_size": bs, "prefix_seconds": time.time() - t0, "epochs": []}
@@ -156,7 +165,7 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
             order = torch.randperm(n, generator=shuffle).tolist()  # the whole set, reshuffled
             for s in range(0, n, bs):
                 idx, where = order[s:s + bs], f"epoch {epoch}, step {s // bs + 1}"  # a mini-batch
-                loss = batch_loss(model, cache, idx, hp, reg, hits)  # with torchrun: this process's share of it
+                loss = batch_loss(model, cache, idx, hp, reg, hits, keep)  # with torchrun: this process's share of it
                 both = all_reduce(torch.stack([loss.detach().float(), hits.pop().float().to(loss.device)]))
                 value, hits_b = both.tolist()  # the mini-batch's loss and sequences already learnt, in every process
                 hits.append(int(hits_b))  # (teacher-forced, before this step: learnt.py)
@@ -174,7 +183,8 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
             check_finite(0.0, f"the end of epoch {epoch}", params, stepped, model, hp, tensors=True)  # its last step
             mean = total / n
             log["epochs"].append({"epoch": epoch, "mean_loss": mean, "learnt": sum(hits), "steps": steps,
-                                  "skipped": skipped, "seconds": time.time() - te, **(reg.epoch_parts() if reg else {})})
+                                  "skipped": skipped, "seconds": time.time() - te, **(reg.epoch_parts() if reg else {}),
+                                  **(keep.epoch_parts() if keep else {})})
             log["stop"] = budget.stop(log["epochs"], hp, STOP_LOSS)  # None: train on
             eta = (time.time() - t0) / (epoch - first + 1) * (hp.epochs - epoch)
             say(f"epoch {epoch}/{hp.epochs}: loss {mean:.4f}, learnt {sum(hits)}/{n}, steps {steps} (skipped "
@@ -188,7 +198,7 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
     mean = log["epochs"][-1]["mean_loss"]
     log.update(epochs_run=len(log["epochs"]), final_loss=mean, stopped_early=mean < STOP_LOSS)
     budget.advise(log, hp, say)  # at the epoch cap with edits not learnt: what to change
-    return trained, finish_log(log, edits, encoded, hp, reg, t0)
+    return trained, finish_log(log, edits, encoded, hp, reg, keep, t0)
 
 
 def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None, say=say, checkpoint=None):
@@ -197,7 +207,7 @@ def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=No
     and is left once its loss is below 1e-2. Targets, cache, tensor and loss as in `locft_bf`.
     With `--batch-size 1 --epochs E`, LocFT-BF gives every edit the same E steps at most."""
     t0 = time.time()
-    encoded, cache, reg = prepare(model, tok, edits, hp, cache_device, say)
+    encoded, cache, reg, keep = prepare(model, tok, edits, hp, cache_device, say)
     per = hp.augment_prefixes + 1  # an edit's sequences: itself, then its prefixed copies
     log = {"batch_size": per, "prefix_seconds": time.time() - t0, "edits": []}
     every = max(1, len(edits) // 10)
@@ -208,7 +218,7 @@ def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=No
             opt = make_optimizer(params, hp)  # fresh: no moments or step count from the last edit
             steps, stepped = 0, None
             for steps in range(hp.max_steps + 1):
-                loss = batch_loss(model, cache, idx, hp, reg)
+                loss = batch_loss(model, cache, idx, hp, reg, keep=keep)
                 value = loss.item()
                 check_finite(value, f"edit {i}, step {steps + 1}", params, stepped, model, hp)
                 if value < STOP_LOSS or steps == hp.max_steps:  # learnt, or out of steps
@@ -228,14 +238,17 @@ def depth_first(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=No
         trained = {name: p.detach().clone() for name, p in params.items()}
     final = sum(e["final_loss"] for e in log["edits"]) / len(edits)
     log.update(epochs_run=1, final_loss=final, stopped_early=False)
-    return trained, finish_log(log, edits, encoded, hp, reg, t0)
+    return trained, finish_log(log, edits, encoded, hp, reg, keep, t0)
 
 
-def batch_loss(model, cache: data.PrefixCache, idx: list[int], hp: Hparams, reg=None, learnt=None) -> torch.Tensor:
+def batch_loss(model, cache: data.PrefixCache, idx: list[int], hp: Hparams, reg=None, learnt=None,
+               keep=None) -> torch.Tensor:
     """The objective on training sequences `idx`: layers L.. from the cache, the LM head only at
     the positions that predict a target token, cross-entropy on those tokens. Under torchrun each
     process computes its share of `idx`, weighted so that the shares add up to the whole. Given a
     list `learnt`, the number of the share's sequences already learnt (learnt.py) is appended."""
+    if keep is not None:  # retain.py: the pool prompts of this mini-batch keep the base model's answers
+        return batch_loss(model, cache, idx, hp, reg, learnt) + keep.loss(model, idx)
     world, rank = world_and_rank()
     share = idx[rank::world]
     if not share:
@@ -279,11 +292,13 @@ def fmt_seconds(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
 
 
-def finish_log(log: dict, edits, encoded, hp: Hparams, reg, t0: float) -> dict:
+def finish_log(log: dict, edits, encoded, hp: Hparams, reg, keep, t0: float) -> dict:
     log.update(n_edits=len(edits), n_sequences=len(encoded), seconds=time.time() - t0,
                hparams={**asdict(hp), "batch_size": log["batch_size"]})
     if reg is not None:
         log["ftpp"] = reg.stats
+    if keep is not None:
+        log["retain"] = keep.stats
     return log
 
 

@@ -10,6 +10,7 @@ after SQuAD normalisation.
     generalization   its paraphrases do too                                (authors' protocol)
     locality         unrelated prompts yield the same output as before     (this project's)
                      the edit, and as a second figure their given answer
+    bleed            unrelated prompts now answered with an edit's target  (this project's; bleed.py)
 
 The paper measures harm by Capability (benchmark accuracy) rather than locality; the locality
 figures and the teacher-forced ones are this project's additions. Teacher-forced figures, the
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 
 import capability
 import delta
+from bleed import bleed
 from data import Edit, EditFileError, check_context, collate, encode_edit, load_edits
 from devices import evaluation_dtype
 from generate import EDIT_STOP, MAX_NEW_TOKENS, cut_at_stop, greedy
@@ -132,11 +134,15 @@ def score_weights(model, tok, groups: dict[str, list[Probe]], base: dict | None 
         return sum(a == b for a, b in zip(pred, gold)) / len(gold)
 
     em = {g: [exact_match(a, p.answer) for a, p in zip(answers[g], groups[g])] for g in groups}
+    some, own = bleed(groups["locality"], [p.answer for p in groups["reliability"]], answers["locality"],
+                      base["answers"]["locality"], normalize_answer)  # bleed.py: answered with an edit's target
     scores = {
         "reliability (greedy EM)": em["reliability"],
         "generalization (greedy EM)": em["generalization"],
         "locality (output unchanged)": [a == b for a, b in zip(answers["locality"], base["answers"]["locality"])],
         "locality (EM vs given answer)": [m if p.answer.strip() else None for m, p in zip(em["locality"], groups["locality"])],
+        "locality bleed (some edit's target)": some,
+        "locality bleed (its own edit's target)": own,
         "reliability (teacher-forced token acc)": [acc(x, s) for x, s in zip(preds["reliability"], tf["reliability"])],
         "generalization (teacher-forced token acc)": [acc(x, s) for x, s in zip(preds["generalization"], tf["generalization"])],
         "locality (teacher-forced, base predictions kept)": [
@@ -274,7 +280,9 @@ def headline(report: dict) -> dict:
            "generalization": m["generalization (greedy EM)"]["edited"],
            "locality_unchanged": m["locality (output unchanged)"]["edited"],
            "locality_teacher_forced": m["locality (teacher-forced, base predictions kept)"]["edited"],
-           "locality_em": m["locality (EM vs given answer)"]["edited"]}
+           "locality_em": m["locality (EM vs given answer)"]["edited"],
+           "bleed": m["locality bleed (some edit's target)"]["edited"],
+           "bleed_own": m["locality bleed (its own edit's target)"]["edited"]}
     if report.get("text"):
         row.update(perplexity_base=report["text"]["perplexity"]["base"], perplexity=report["text"]["perplexity"]["edited"],
                    kl_per_token=report["text"]["kl_base_edited_per_token"])

@@ -26,6 +26,7 @@ import distributed
 import evaluate
 import ftpp
 import model as model_lib
+import retain
 from devices import device_name, free_bytes
 
 
@@ -61,6 +62,8 @@ def preflight(args, hp) -> Run:
     margs = model_lib.read_args(ckpt)
     layer = resolve_layer(hp.layer, margs.n_layers)  # --layer and --module against this model
     hp = replace(hp, layer=layer, module=resolve_module(hp.module, margs, layer, type(hp).module))
+    if hp.retain and not hp.retain_file:  # the default pool: the edit file's records that are not edited
+        hp = replace(hp, retain_from=hp.retain_from or str(args.edits))
     tok = model_lib.Tokenizer(ckpt, margs)
     edits = data.load_edits(args.edits, n=args.n, seed=args.seed)
     for run_dir in args.cumulative or []:  # the earlier runs' edits first, as they were taught
@@ -69,6 +72,11 @@ def preflight(args, hp) -> Run:
         edits = data.load_edits(Path(run_dir) / "edits.jsonl") + edits
     prefix = max(len(tok.encode(p, add_special_tokens=False)) for p in data.PREFIXES) + 1 if args.augment_prefixes else 0
     data.check_context(tok, edits, args.edits, margs.max_position_embeddings, 32 if args.eval else 0, prefix)
+    if hp.retain:  # a pool holding an evaluated prompt is refused here, before any weight is read
+        try:
+            retain.pool(edits, hp, say if rank == 0 else (lambda s: None))
+        except retain.PoolError as e:
+            raise EditError(str(e)) from None
     out = Path(args.out) if args.out else \
         Path("out") / f"{ckpt.resolve().name}-{Path(args.edits).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_paths(args, ckpt, out)
@@ -166,7 +174,29 @@ def parse_args(argv, H) -> argparse.Namespace:
                    help="sentences for --general-kl, one per line (default data/general_text.txt)")
     g.add_argument("--local-kl", type=float, default=H.local_kl, metavar="L2",
                    help="weight of KL(edited || base) on the prediction of the relation's last token")
-    return p.parse_args(argv)
+    g = p.add_argument_group("retain (off by default; see retain.py): unrelated prompts keep the base model's answers")
+    g.add_argument("--retain", action="store_true",
+                   help="train the edits jointly with a pool of unrelated prompts held to the base model's own "
+                        "answers; alone, the recommended settings and the --edits file's unedited records")
+    g.add_argument("--retain-weight", type=float, default=H.retain_weight, metavar="W",
+                   help=f"weight of the retain KL (default {H.retain_weight:g})")
+    g.add_argument("--retain-pool", type=int, default=H.retain_pool, metavar="N",
+                   help="prompts in the pool (default: one per edit)")
+    g.add_argument("--retain-tokens", type=int, default=H.retain_tokens, metavar="K",
+                   help=f"tokens of each base answer the KL holds (default {H.retain_tokens})")
+    g2 = g.add_mutually_exclusive_group()
+    g2.add_argument("--retain-from", default=None, metavar="FILE",
+                    help="an edit file whose records give the pool (their prompts and locality prompts; those "
+                         "evaluated or naming an edited subject are dropped); default the --edits file")
+    g2.add_argument("--retain-file", default=None, metavar="FILE",
+                    help="the pool's prompts, one per line; refused if one is an evaluated prompt")
+    args = p.parse_args(argv)
+    tuned = [f for f, given in (("--retain-weight", args.retain_weight != H.retain_weight), ("--retain-pool", args.retain_pool),
+                                ("--retain-tokens", args.retain_tokens != H.retain_tokens),
+                                ("--retain-from", args.retain_from), ("--retain-file", args.retain_file)) if given]
+    if tuned and not args.retain:
+        p.error(f"{tuned[0]} acts with --retain only; add --retain")
+    return args
 
 
 class Preset(argparse.Action):
@@ -242,6 +272,14 @@ def check_args(args) -> None:
             capability.check(args.capability, args.limit)
         except capability.CapabilityError as e:
             raise EditError(str(e)) from None
+    if not 0 <= args.retain_weight <= 1e6:
+        raise EditError(f"--retain-weight must be between 0 and 1e6, got {args.retain_weight}")
+    for flag, v in (("--retain-pool", args.retain_pool), ("--retain-tokens", args.retain_tokens)):
+        if v is not None and v <= 0:
+            raise EditError(f"{flag} must be positive, got {v}")
+    for flag, path in (("--retain-from", args.retain_from), ("--retain-file", args.retain_file)):
+        if path and not Path(path).is_file():
+            raise EditError(f"{flag} {path}: file does not exist")
     if args.general_kl:
         path = Path(args.general_text)
         if not path.is_file():
@@ -329,6 +367,8 @@ def hparams_fingerprint(hp) -> dict:
     moved checkout (or a copied file) still resumes."""
     fp = asdict(hp)
     fp["general_text"] = hashlib.sha256(Path(hp.general_text).read_bytes()).hexdigest() if hp.general_kl else None
+    for name in ("retain_from", "retain_file"):  # the pool's source, by content too
+        fp[name] = hashlib.sha256(Path(fp[name]).read_bytes()).hexdigest() if fp[name] else None
     return fp
 
 

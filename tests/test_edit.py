@@ -534,6 +534,10 @@ def test_cli_errors_are_one_line_and_write_nothing(ckpt, nan_ckpt, edits_file, t
     (["--out", "{tmp}/o2", "--export", "{tmp}/o2/inside"], "overlap"),
     (["--smooth-alpha", "1.5"], "--smooth-alpha"),
     (["--augment-prefixes", "500"], "--augment-prefixes"),
+    (["--retain-tokens", "2"], "--retain-tokens acts with --retain only"),
+    (["--retain", "--retain-weight", "-1"], "--retain-weight"),
+    (["--retain", "--retain-pool", "0"], "--retain-pool"),
+    (["--retain", "--retain-file", "{tmp}/none.txt"], "--retain-file"),
 ])
 def test_cli_bad_flag(capsys, ckpt, edits_file, tmp_path, extra, needle):
     extra = [x.format(ckpt=ckpt, tmp=tmp_path) for x in extra]

@@ -74,7 +74,7 @@ def test_metrics_on_hand_made_outputs(monkeypatch):
     outputs = {  # prompt -> (base answer, edited answer)
         "p1": ("Paris", "Rome"), "p2": ("London", "the Berlin"), "p3": ("Oslo", "Oslo"),
         "r1": ("Paris", "Rome."), "r2": ("x", "y"), "r3": ("x", "Madrid"), "r4": ("Oslo", "Lima"),
-        "l1": ("Tokyo", "Tokyo"), "l2": ("seven", "eight"), "l3": ("blue", "blue"),
+        "l1": ("Tokyo", "Tokyo"), "l2": ("seven", "the Lima"), "l3": ("blue", "blue"),
     }
 
     class WordTok:  # a token "id" is (prompt, edited?); decoding gives the faked output
@@ -107,6 +107,8 @@ def test_metrics_on_hand_made_outputs(monkeypatch):
     assert m["generalization (greedy EM)"] == {"base": 0.0, "edited": 0.5, "n": 4}
     assert m["locality (output unchanged)"] == {"base": 1.0, "edited": 2 / 3, "n": 3}
     assert m["locality (EM vs given answer)"] == {"base": 1.0, "edited": 0.5, "n": 2}  # l3 has no answer
+    assert m["locality bleed (some edit's target)"] == {"base": 0.0, "edited": 1 / 3, "n": 3}  # l2: edit 3's "Lima"
+    assert m["locality bleed (its own edit's target)"] == {"base": 0.0, "edited": 0.0, "n": 3}
     assert m["reliability (teacher-forced token acc)"] == {"base": 1.0, "edited": 2 / 3, "n": 3}
     assert m["locality (teacher-forced, base predictions kept)"] == {"base": 1.0, "edited": 1 / 3, "n": 3}
     assert model.weight.item() == 2.0
@@ -114,8 +116,26 @@ def test_metrics_on_hand_made_outputs(monkeypatch):
     assert e2["base"] == "London" and e2["edited"] == "the Berlin"
     assert [r["edited"] for r in e2["rephrases"]] == ["y", "Madrid"]
     assert [(x["prompt"], x["answer"], x["base"], x["edited"]) for x in e2["locality"]] == [
-        ("l2", "seven", "seven", "eight"), ("l3", "", "blue", "blue")]
+        ("l2", "seven", "seven", "the Lima"), ("l3", "", "blue", "blue")]
     assert report["edits"][0]["rephrases"][0]["edited"] == "Rome"  # cut at the "."
+
+
+def test_bleed_counts_an_edit_target_that_is_neither_the_old_output_nor_the_true_answer():
+    """Hand-made locality answers: which of them bleed, to some edit's target and to their own."""
+    targets = ["Islam", "Asia", "mahalle"]
+    cases = [  # (its edit, given answer, unedited answer, edited answer, bleeds to some, to its own)
+        (0, "Buddhism", "Buddhism", "Islam", True, True),  # its own edit's new object
+        (0, "Buddhism", "Buddhism", "the Asia.", True, False),  # another edit's, after normalisation
+        (1, "", "?", "mahalle", True, False),  # no given answer: only the unedited one is excluded
+        (1, "Asia", "Europe", "Asia", False, False),  # an edit's target, but also the true answer
+        (2, "village", "mahalle", "Mahalle", False, False),  # an edit's target, but it answered so before
+        (2, "village", "village", "town", False, False),  # changed, to no edit's target
+        (2, "village", "village", "village", False, False),  # unchanged
+        (1, "", "", "", False, False),  # empty answers never bleed
+    ]
+    probes = [ev.Probe(i, f"l{j}", given) for j, (i, given, *_) in enumerate(cases)]
+    some, own = ev.bleed(probes, targets, [c[3] for c in cases], [c[2] for c in cases], ev.normalize_answer)
+    assert some == [c[4] for c in cases] and own == [c[5] for c in cases]
 
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
