@@ -56,6 +56,10 @@ def row(run: str, report: dict, seconds: dict) -> dict:
            "harm": {k: harm[k] for k in ("base", "edited", "change", "ci95", "half_width", "flipped", "verdict")},
            "kl_per_token": text["kl_per_token"], "perplexity": text["perplexity"],
            "tokens": cap["tasks"]["lambada_text"]["tokens"], "tasks": {}, "seconds": seconds}
+    tasks = [t for t in cap["tasks"].values() if t.get("kind") != "text"]
+    for k in ("base", "edited", "base_cpu", "edited_cpu"):  # one weight set's cost: the tasks, wall and CPU
+        seconds[f"capability_{k}"] = sum(t["seconds"][k] for t in tasks)
+    seconds["text"], seconds["text_cpu"] = cap["tasks"]["lambada_text"]["seconds"].values()
     for name, t in cap["tasks"].items():
         if t.get("kind") != "text":
             c = t["metrics"][t["primary"]]
@@ -89,15 +93,16 @@ def table(rows: list[dict], edits: str) -> str:
         for name, t in r["tasks"].items():
             lines.append(f"| {r['model']}, {r['edits']} | {name} ({t['metric']}) | {t['n']} | {t['chance']:.2f} | "
                          f"{t['base']:.3f} → {t['edited']:.3f} | {ci(t)} | {t['flipped']:.1%} |")
-    lines += ["", "Seconds (wall clock, on the shared 2-core machine; see docs/capability.md for the load):", "",
-              "| model, edits | edit.py training | evaluate.py | of which capability base / edited (per task) |",
-              "|---" * 4 + "|"]
+    lines += ["", "Seconds on the shared 2-core machine, wall clock and (in brackets) CPU seconds of the process, "
+              "which is what a run costs when it has a core to itself (one thread, OMP_NUM_THREADS=1):", "",
+              "| model, edits | edit.py training | evaluate.py in all | harm tasks, base weights | harm tasks, edited "
+              "weights | LAMBADA text, both weight sets |", "|---" * 6 + "|"]
     for r in rows:
         s = r["seconds"]
-        per = ", ".join(f"{n} {t['seconds'].get('base', 0):.0f}/{t['seconds'].get('edited', 0):.0f}"
-                        for n, t in r["tasks"].items())
+        wall_cpu = lambda k: f"{s[k]:.0f} ({s[k + '_cpu']:.0f})"  # noqa: E731
         lines.append(f"| {r['model']}, {r['edits']} | {s.get('edit', float('nan')):.0f} | "
-                     f"{s.get('evaluate', float('nan')):.0f} | {per} |")
+                     f"{s.get('evaluate', float('nan')):.0f} | {wall_cpu('capability_base')} | "
+                     f"{wall_cpu('capability_edited')} | {wall_cpu('text')} |")
     return "\n".join(lines) + "\n"
 
 
