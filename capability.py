@@ -16,7 +16,15 @@ Tokens exactly as lm-eval's Hugging Face model makes them: context and continuat
 together and split where the context's own encoding ends; special tokens (BOS) as the
 checkpoint's tokenizer adds them by default (lm-eval 0.4.13 with `add_bos_token` unset).
 
-Data: `data/capability/<task>.jsonl`, made by `make capability` (data/capability/convert.py).
+What several requests share is read once, with the same numbers up to fp rounding: the
+choices of a question continue one context (`score_shared`: the context's KV cache, then each
+choice's own tokens), and few-shot prompts begin with the same examples (`greedy` with
+`share_prefix`). A held-out text (TEXTS) is a third kind of task: no answers, just how far the
+edited model's next-token distribution moved on it (`drift`: KL(base || edited), perplexity).
+
+The sets: `paper` (the paper's), `small`, `harm` (sized to see a loss of 1-2 points on the
+default models, see docs/capability.md), `all`. Data: `data/capability/<task>.jsonl`, made by
+`make capability` (data/capability/convert.py).
 """
 from __future__ import annotations
 

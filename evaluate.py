@@ -25,7 +25,9 @@ score the same tensor the same way.
 
 `--capability` adds the paper's measure of harm, benchmark accuracy before and after the edit
 (capability.py): `--capability` alone is the paper's set (MMLU, NQ-open, SST-2, GSM8K), `small`
-a set that discriminates on small models; `--limit N` scores the first N documents of each task.
+a set that discriminates on small models, `harm` a preset sized to see a loss of 1-2 points on
+the default models (with KL and perplexity on held-out text); `--limit N` scores the first N
+documents of each task.
 """
 from __future__ import annotations
 
@@ -335,7 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, help="with --n: pick a reproducible random subset")
     ap.add_argument("--capability", nargs="?", const="paper", metavar="TASKS",
                     help="benchmark accuracy as lm-evaluation-harness scores it: 'paper' (the default: mmlu, nq, "
-                         f"sst2, gsm8k), 'small', 'all' or task names, comma-separated ({', '.join(capability.TASKS)})")
+                         "sst2, gsm8k), 'small', 'harm' (docs/capability.md), 'all' or task names, comma-separated, "
+                         f"'task:N' for its first N documents ({', '.join([*capability.TASKS, *capability.TEXTS])})")
     ap.add_argument("--limit", type=int, help="with --capability: the first N documents of each task (MMLU: of each "
                                               "subject), as lm-eval's --limit")
     ap.add_argument("--capability-data", default=str(capability.DATA_DIR),
