@@ -26,7 +26,9 @@ score the same tensor the same way.
 
 `--capability` adds the paper's measure of harm, benchmark accuracy before and after the edit
 (capability.py): `--capability` alone is the paper's set (MMLU, NQ-open, SST-2, GSM8K), `small`
-a set that discriminates on small models; `--limit N` scores the first N documents of each task.
+a set that discriminates on small models, `harm` a preset sized to see a loss of 1-2 points on
+the default models (with KL and perplexity on held-out text); `--limit N` scores the first N
+documents of each task.
 """
 from __future__ import annotations
 
@@ -43,7 +45,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 import capability
 import delta
@@ -160,38 +161,18 @@ def _mean(xs) -> float | None:
 # Perplexity drift on a text
 
 
-@torch.inference_mode()
-def text_metrics(model, tok, text: str, base: dict | None, edited: dict | None, window: int = 256,
-                 batch_size: int = 8) -> dict:
+def text_metrics(model, tok, text: str, base: dict | None, edited: dict | None, window: int = 256) -> dict:
     """Perplexity of each weight set on `text` and the mean per-token KL(base || edited), over
-    non-overlapping windows of `window` tokens. Only the tensors in `base`/`edited` are swapped
-    per batch of windows, so one model and one batch of logits are in memory at a time."""
-    dev = model.device
-    ids = tok.encode(text)
-    windows = [w for w in (ids[i:i + window] for i in range(0, len(ids), window)) if len(w) > 1]
-    nll = {"base": 0.0, "edited": 0.0}
-    kl, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        ws = windows[start:start + batch_size]
-        b = collate([(w, 1) for w in ws], tok.pad_id).to(dev)  # n_prompt 1: predict every next token
-        labels = b.labels
-        logp = {}
-        for name, weights in (("base", base), ("edited", edited)):
-            if name == "edited" and edited is None:
-                break
-            if weights:
-                model.load_tensors(weights)
-            logits = model(b.ids, attention_mask=b.attention_mask, logits_at=b.predict_mask)
-            logp[name] = F.log_softmax(logits.float(), -1)  # (N, V)
-            nll[name] += -logp[name].gather(1, labels[:, None].to(logits.device)).sum().item()
-        if "edited" in logp:
-            kl += (logp["base"].exp() * (logp["base"] - logp["edited"])).sum().item()
-        count += labels.numel()
+    non-overlapping windows of `window` tokens (capability.drift: only the tensors in
+    `base`/`edited` are swapped per batch of windows, so one model is in memory)."""
+    windows = capability.text_windows(tok, [text], window)
+    d = capability.drift(model, tok, windows, base, edited)
+    count = int(d["tokens"].sum())
     out = {"tokens": count, "windows": len(windows), "window": window,
-           "perplexity": {"base": math.exp(nll["base"] / count)}}
+           "perplexity": {"base": math.exp(d["nll_base"].sum() / count)}}
     if edited is not None:
-        out["perplexity"]["edited"] = math.exp(nll["edited"] / count)
-        out["kl_base_edited_per_token"] = kl / count
+        out["perplexity"]["edited"] = math.exp(d["nll_edited"].sum() / count)
+        out["kl_base_edited_per_token"] = float(d["kl"].sum() / count)
     return out
 
 
@@ -367,7 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, help="with --n: pick a reproducible random subset")
     ap.add_argument("--capability", nargs="?", const="paper", metavar="TASKS",
                     help="benchmark accuracy as lm-evaluation-harness scores it: 'paper' (the default: mmlu, nq, "
-                         f"sst2, gsm8k), 'small', 'all' or task names, comma-separated ({', '.join(capability.TASKS)})")
+                         "sst2, gsm8k), 'small', 'harm' (docs/capability.md), 'all' or task names, comma-separated, "
+                         f"'task:N' for its first N documents ({', '.join([*capability.TASKS, *capability.TEXTS])})")
     ap.add_argument("--limit", type=int, help="with --capability: the first N documents of each task (MMLU: of each "
                                               "subject), as lm-eval's --limit")
     ap.add_argument("--capability-data", default=str(capability.DATA_DIR),

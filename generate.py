@@ -33,6 +33,15 @@ def is_finished(tok, new_ids: list[int], stop) -> bool:
     return any(s in text for s in stop)
 
 
+def common_prefix(seqs) -> int:
+    """How many leading tokens all of `seqs` share."""
+    first, n = seqs[0], min(map(len, seqs))
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
 def left_pad(tok, prompts: list[list[int]]):
     """(B, T) ids and attention mask with every prompt ending at column T - 1."""
     T = max(map(len, prompts))
@@ -74,7 +83,9 @@ def greedy_reference(model, tok, prompts: list[str], max_new_tokens=MAX_NEW_TOKE
 # weights dominates), and in a batch most rows stop long before the longest one. So: sort the
 # prompts by length (little padding), prefill `batch_size` at a time, and keep every unfinished
 # row in one live set that takes its steps together and sheds rows as they stop; prefill the
-# next batch into it as soon as fewer than `batch_size` rows are left.
+# next batch into it as soon as fewer than `batch_size` rows are left. With `share_prefix`, the
+# tokens every prompt begins with (a few-shot task's examples) are read once into a KV cache
+# that each batch starts from.
 
 
 class Rows:
@@ -113,10 +124,17 @@ def merge(parts: list[Rows], room: int) -> Rows:
 
 
 @torch.inference_mode()
-def greedy(model, tok, prompts: list[str], max_new_tokens=MAX_NEW_TOKENS, stop=EDIT_STOP, batch_size=64):
+def greedy(model, tok, prompts: list[str], max_new_tokens=MAX_NEW_TOKENS, stop=EDIT_STOP, batch_size=64,
+           share_prefix: bool = False):
     """The same token lists as `greedy_reference`, in the order of `prompts`."""
     dev = model.device  # the embedding's
     encoded = [tok.encode(p) for p in prompts]
+    # the shared beginning, in tokens (so no assumption about how text splits), read once; every
+    # prompt keeps at least one token of its own, whose logits start its decoding
+    P = min(common_prefix(encoded), min(map(len, encoded)) - 1) if share_prefix and encoded else 0
+    if P > 0:
+        prefix = model.new_cache(1, P)
+        model(torch.tensor([encoded[0][:P]], device=dev), cache=prefix, logits_at=torch.zeros(1, P, dtype=torch.bool))
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[list[int]] = [[] for _ in prompts]
     live = None
@@ -135,11 +153,15 @@ def greedy(model, tok, prompts: list[str], max_new_tokens=MAX_NEW_TOKENS, stop=E
 
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        ids, mask = left_pad(tok, [encoded[i] for i in chunk])
+        ids, mask = left_pad(tok, [encoded[i][P:] for i in chunk])
         ids, mask = ids.to(dev), mask.to(dev)
-        cache = model.new_cache(len(chunk), ids.shape[1])
-        rows = Rows(cache, mask, None, chunk, ids.shape[1])
-        take(rows, model(ids, attention_mask=mask, cache=cache, logits_at="last"))  # prefill
+        cache = model.new_cache(len(chunk), P + ids.shape[1])
+        if P:  # each row: the shared prefix, then its own tokens left-padded; positions follow the mask
+            for c, p in zip(cache, prefix):
+                c.k[:, :, :P], c.v[:, :, :P] = p.k, p.v
+            mask = torch.cat([mask.new_ones(len(chunk), P), mask], 1)
+        rows = Rows(cache, mask, None, chunk, mask.shape[1])
+        take(rows, model(ids, attention_mask=mask, cache=cache, cache_pos=P, logits_at="last"))  # prefill
         parts = [r for r in (live, rows) if r is not None and r.index]
         live = merge(parts, max_new_tokens) if parts else None
         last = start + batch_size >= len(order)

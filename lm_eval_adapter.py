@@ -21,6 +21,7 @@ false); no chat templates. lm_eval is imported here and in the tests only, never
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 
@@ -95,6 +96,43 @@ class ProjectLM(LM):
             for (i, _), t in zip(items, texts):
                 out[i] = t
         return out
+
+
+def local_tasks(tm, docs_by_task: dict[str, list[dict]], tmp_dir) -> dict:
+    """lm-eval tasks (by their lm-eval names, from TaskManager `tm`) with only the data source
+    replaced: each reads a local JSONL file of the given documents for every split it uses, so
+    lm-eval prompts, scores and filters them exactly as its own configuration says, offline.
+    The task setup is simple_evaluate's (num_fewshot the task's default, else 0; fewshot seed
+    1234); its call is skipped because it surveys the whole environment on every run."""
+    from pathlib import Path
+
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    configs = []
+    for name, docs in docs_by_task.items():
+        data = Path(tmp_dir) / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        config = load_yaml(tm.task_index[name].yaml_path, resolve_func=True)
+        splits = {config.get(k) for k in ("training_split", "validation_split", "test_split", "fewshot_split")} - {None}
+        config.update(task=name, dataset_path="json", dataset_name=None, dataset_kwargs={
+            "data_files": {s: str(data) for s in splits}, "cache_dir": str(Path(tmp_dir) / "hf-datasets")})
+        configs.append(config)
+    loaded = tm.load(configs)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=1234)
+    return loaded
+
+
+def evaluate_local(lm, loaded) -> dict:
+    """lm-eval's evaluation loop on tasks from `local_tasks`: per task its config and its
+    per-document samples, by document then filter."""
+    from lm_eval.evaluator import evaluate
+
+    out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)
+    return {name: (out["configs"][name], sorted(samples, key=lambda s: (s["doc_id"], s["filter"])))
+            for name, samples in out["samples"].items()}
 
 
 def main(argv=None) -> int:

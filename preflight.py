@@ -163,7 +163,7 @@ def parse_args(argv, H) -> argparse.Namespace:
     p.add_argument("--eval", action="store_true", help="evaluate before/after right after training (eval.json)")
     p.add_argument("--capability", nargs="?", const="paper", metavar="TASKS",
                    help="with --eval: also benchmark accuracy before/after, as evaluate.py --capability ('paper' "
-                        "by default, 'small', 'all' or task names)")
+                        "by default, 'small', 'harm', 'all' or task names)")
     p.add_argument("--limit", type=int, default=None, help="with --capability: the first N documents of each task")
     g = p.add_argument_group("FT++ regularisers (all off by default; see ftpp.py)")
     g.add_argument("--smooth-alpha", type=float, default=H.smooth_alpha, metavar="A",

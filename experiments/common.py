@@ -30,7 +30,8 @@ import preflight  # noqa: E402
 
 ZSRE = "an edit file (ZsRE in the LocFT authors' layout, ...)"
 # What most tables show, edited model first; a figure the run did not measure is left out.
-COLUMNS = ["reliability", "generalization", "Cap", "small", "locality_unchanged", "locality_teacher_forced"]
+COLUMNS = ["reliability", "generalization", "Cap", "small", "harm", "lambada_text_kl_per_token", "locality_unchanged",
+           "locality_teacher_forced"]
 
 
 def parser(doc: str, edits: str = ZSRE) -> argparse.ArgumentParser:
@@ -52,15 +53,19 @@ def parse(p: argparse.ArgumentParser, argv, n=(100, 20), limit=(20, 5), layer=Tr
     if layer:
         p.add_argument("--layer", default=str(edit.Hparams.layer))
     if capability_flags:
-        p.add_argument("--capability", default="all", help="capability tasks (evaluate.py --capability)")
+        p.add_argument("--capability", default="all", help="capability tasks (evaluate.py --capability; harm: the "
+                                                            "preset sized for a +-0.015 interval)")
         p.add_argument("--limit", type=int, default=None,
-                       help=f"capability documents per task (default {limit[0]}; --quick {limit[1]})")
+                       help=f"capability documents per task (default {limit[0]}, harm: its own; --quick {limit[1]})")
         p.add_argument("--capability-data", default=str(capability.DATA_DIR))
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     a = p.parse_args(argv)
     pick = lambda given, defaults: given or (defaults[1] if a.quick else defaults[0])  # noqa: E731
-    return a, (pick(a.n, n) if n else None), (pick(a.limit, limit) if capability_flags else None)
+    if not capability_flags:
+        return a, (pick(a.n, n) if n else None), None
+    sized = a.capability == "harm" and not a.quick  # the harm preset sets its own documents per task
+    return a, (pick(a.n, n) if n else None), (a.limit if sized else pick(a.limit, limit))
 
 
 @dataclass
@@ -124,9 +129,10 @@ def columns(rows: list[dict], wanted: list[str]):
 
 
 LABELS = {"batch_size": "batch", "n": "edits", "train_s": "train s", "s_per_edit": "s per edit",
-          "perplexity": "held-out ppl", "kl_per_token": "KL/token"}
+          "perplexity": "held-out ppl", "kl_per_token": "KL/token", "lambada_text_kl_per_token": "LAMBADA KL/token"}
 AS_IS = {"run", "module", "layer", "n", "batch_size", "steps", "epochs", "sequences"}  # names and counts
-FORMATS = {"train_s": "{:.0f}", "perplexity": "{:.2f}", "kl_per_token": "{:.4f}"}  # any other figure: 3 places
+FORMATS = {"train_s": "{:.0f}", "perplexity": "{:.2f}", "kl_per_token": "{:.4f}",
+           "lambada_text_kl_per_token": "{:.4f}"}  # any other figure: 3 places
 
 
 def table(title: str, name: str, argv, setting: str, lab: Lab, rows: list[dict], keys: list[str], note="") -> str:
@@ -138,7 +144,8 @@ def table(title: str, name: str, argv, setting: str, lab: Lab, rows: list[dict],
     described = ", ".join(f"{k} {v:.3f}" for k, v in base.items() if k != "perplexity")
     if "perplexity" in base:
         described += f", held-out perplexity {base['perplexity']:.2f}"
-    setting += f"; capability: {', '.join(lab.tasks)} with --limit {lab.limit} ({note}base model: {described})"
+    docs = "the preset's documents" if lab.limit is None else f"--limit {lab.limit}"
+    setting += f"; capability: {', '.join(lab.tasks)} with {docs} ({note}base model: {described})"
     cell = lambda k, v: str(v) if k in AS_IS else FORMATS.get(k, "{:.3f}").format(v)  # noqa: E731
     lines = [f"# {title}", "", f"`python experiments/{name}.py {command}`", "", setting, "",
              "| " + " | ".join(LABELS.get(k, k) for k in keys) + " |", "|---" * len(keys) + "|"]

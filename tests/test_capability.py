@@ -91,6 +91,27 @@ DOCS = {
         {"question": "is a tomato a vegetable in botany",
          "passage": "Tomato -- In botany, the tomato is a fruit, a berry of the nightshade plant.", "idx": 1, "label": 0},
     ],
+    "sciq": [
+        {"question": "What do plants absorb from the air to make food?", "distractor1": "oxygen",
+         "distractor2": "nitrogen", "distractor3": "helium", "correct_answer": "carbon dioxide",
+         "support": " Plants take in carbon dioxide from the air and use sunlight to make sugar."},
+        {"question": "What is the boiling point of water at sea level in degrees Celsius?", "distractor1": "50",
+         "distractor2": "0", "distractor3": "212", "correct_answer": "100", "support": ""},
+    ],
+    "openbookqa": [
+        {"id": "o1", "question_stem": "The sun is responsible for",
+         "choices": {"text": ["puppies learning new tricks", "plants sprouting, blooming and wilting",
+                              "a rock falling", "the moon shining"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+        {"id": "o2", "question_stem": "Which of these would let the most heat travel through?",
+         "choices": {"text": ["a steel spoon", "a wooden spoon", "a plastic spoon", "a paper cup"],
+                     "label": ["A", "B", "C", "D"]}, "answerKey": "A"},
+    ],
+    "social_iqa": [
+        {"context": "Tracy gave Riley a warm hug after the long trip.", "question": "How would Riley feel as a result?",
+         "answerA": "loved", "answerB": "angry", "answerC": "bored", "label": "1"},
+        {"context": "Jordan forgot his umbrella and it started to rain.", "question": "What will Jordan want to do next?",
+         "answerA": "go swimming", "answerB": "find shelter", "answerC": "buy sunscreen", "label": "2"},
+    ],
     "lambada": [
         {"text": "She opened the door, stepped outside and looked up at the bright blue sky"},
         {"text": "He poured the milk into a glass and drank the milk"},
@@ -104,29 +125,6 @@ MMLU_SUBJECTS = ["astronomy", "high_school_mathematics"]
 # The oracle: lm-eval itself, through the adapter, on the same documents
 
 
-def lm_eval_run(lm, tm, task_name: str, docs: list[dict], tmp_path: Path):
-    """Per-document samples from lm-eval's evaluation loop on its own config of `task_name`
-    (from TaskManager `tm`), with only the data source replaced by a local JSONL file of `docs`.
-    The task setup is simple_evaluate's; its call is skipped because it surveys the whole
-    environment (pip, compilers) on every run, seconds each time."""
-    from lm_eval.evaluator import evaluate
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    data = tmp_path / f"{task_name}.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    config = load_yaml(tm.task_index[task_name].yaml_path, resolve_func=True)
-    splits = {config.get(k) for k in ("training_split", "validation_split", "test_split", "fewshot_split")} - {None}
-    config.update(dataset_path="json", dataset_name=None, dataset_kwargs={
-        "data_files": {s: str(data) for s in splits}, "cache_dir": str(tmp_path / "hf-datasets")})
-    loaded = tm.load([config])
-    task = loaded["tasks"][task_name]
-    if task.get_config("num_fewshot") is None:  # as simple_evaluate: the task's own default, else 0
-        task.set_config(key="num_fewshot", value=0)
-    task.set_fewshot_seed(seed=1234)
-    out = evaluate(lm=lm, task_dict=loaded, log_samples=True, bootstrap_iters=0)
-    return out["configs"][task_name], sorted(out["samples"][task_name], key=lambda s: (s["doc_id"], s["filter"]))
-
-
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
     import model as M
@@ -136,10 +134,13 @@ def smollm2(smollm2_dir):
 
 def test_capability_matches_lm_eval_item_by_item(smollm2, tmp_path):
     """For every task: lm-eval's prompts equal ours, and each document's scores (and extracted
-    answers) are the same under lm-eval's own scoring code as under capability.py."""
+    answers) are the same under lm-eval's own scoring code as under capability.py. lm-eval's
+    requests go through the adapter's plain path (one row per request, every prompt read whole);
+    capability.run reads shared prefixes once (score_shared, greedy with share_prefix), so this
+    also holds the fast paths to the plain ones, log-likelihood by log-likelihood."""
     from lm_eval.tasks import TaskManager
 
-    from lm_eval_adapter import ProjectLM
+    from lm_eval_adapter import ProjectLM, evaluate_local, local_tasks
 
     model, tok = smollm2
     lm, tm = ProjectLM(model=model, tokenizer=tok), TaskManager()  # indexing lm-eval's tasks takes seconds: once
@@ -148,7 +149,7 @@ def test_capability_matches_lm_eval_item_by_item(smollm2, tmp_path):
         groups = ({f"mmlu_{s}": [d for d in DOCS[name] if d["subject"] == s] for s in MMLU_SUBJECTS}
                   if name == "mmlu" else {task.lm_eval: DOCS[name]})
         for lm_task, docs in groups.items():
-            config, samples = lm_eval_run(lm, tm, lm_task, docs, tmp_path)
+            config, samples = evaluate_local(lm, local_tasks(tm, {lm_task: docs}, tmp_path))[lm_task]
             assert str(config["metadata"]["version"]) == task.version.split()[0], lm_task
             ours = C.run(model, tok, task, docs)
             correct += sum(ours[task.primary])
@@ -167,6 +168,9 @@ def test_capability_matches_lm_eval_item_by_item(smollm2, tmp_path):
                 assert [tuple(a) for a in s["arguments"]] == pairs, (lm_task, i)
                 for m in task.metrics:
                     assert s[m] == ours[m][i], (lm_task, i, m)
+                lls = ours["loglikelihoods"][i]  # lm-eval's come from one row per request (score_tokens)
+                assert [float(r[0]) for r in s["filtered_resps"]] == pytest.approx(
+                    lls if isinstance(lls, list) else [lls], abs=1e-4), lm_task
     assert correct > 0  # the model answers some of these easy items: the comparison is not all-wrong
 
 
@@ -189,6 +193,29 @@ def test_score_tokens_equals_plain_forward(tiny):
     ctx = [1, 5, 9]
     best = model(torch.tensor([ctx])).float()[0, -1].argmax().item()
     assert C.score_tokens(model, tok, [(ctx, [best])])[0][1] is True
+
+
+def test_shared_prefix_scores_equal_one_row_per_request(tiny):
+    """score_shared (each group's shared tokens read once into a KV cache) against score_tokens
+    (one row per request): the same log-likelihoods in fp rounding, the same greedy flags, in
+    batches that cut groups apart and mix prefix lengths."""
+    _, model, tok = tiny
+    groups = [
+        [([1, 5, 9, 11], [17, 18]), ([1, 5, 9, 11], [30]), ([1, 5, 9, 11], [40, 41, 42])],  # choices after one context
+        [([7, 8], [9]), ([7, 8], [10])],  # one-token choices: one row, the plain path
+        [([3, 4, 5, 6], [20, 21]), ([3, 4, 5, 60, 61], [20, 21])],  # WinoGrande: contexts differ, continuation shared
+        [([2, 9, 9, 9, 9, 9, 9, 9], [50, 51]), ([2, 9, 9, 9, 9, 9, 9, 9], [52]), ([2, 9, 9, 9, 9, 9, 9, 9], [50, 53])],
+        [([6], [7, 8]), ([6], [9, 10])],  # nothing to share before the first predicted token
+    ]
+    # the greedy continuation of a context, so that a True is among the flags compared
+    best = model(torch.tensor([[1, 5, 9, 11]])).float()[0, -1].argmax().item()
+    groups[0].append(([1, 5, 9, 11], [best]))
+    want = C.score_tokens(model, tok, [r for g in groups for r in g], batch_size=64)
+    for batch_size in (64, 4, 1):
+        got = [x for g in C.score_shared(model, tok, groups, batch_size=batch_size) for x in g]
+        assert [g for _, g in got] == [g for _, g in want]
+        assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
+    assert any(g for _, g in want)
 
 
 def test_encode_pair_moves_trailing_space_to_the_continuation(smollm2_dir):
@@ -271,13 +298,46 @@ def test_before_after_one_model(tiny, tmp_path):
     assert torch.equal(w, edited[name])
     cell = rep["tasks"]["piqa"]["metrics"]["acc"]
     assert rep["tasks"]["piqa"]["n"] == 8
-    assert set(cell) == {"base", "edited", "change", "ci95", "verdict"}
+    assert set(cell) == {"base", "edited", "change", "ci95", "verdict", "flipped"}
     assert cell["base"] == np.mean(expected["base"]) and cell["edited"] == np.mean(expected["edited"])
     assert cell["change"] == pytest.approx(np.mean(expected["edited"]) - np.mean(expected["base"]))
     model.load_tensors({name: original})
     same = C.before_after(model, tok, ["piqa"], None, {name: original}, data_dir=tmp_path, say=lambda *_: None)
     assert same["tasks"]["piqa"]["metrics"]["acc"]["change"] == 0
     assert same["tasks"]["piqa"]["metrics"]["acc"]["edited"] == np.mean(expected["base"])
+
+
+def write_docs(path: Path, names) -> None:
+    for n in names:
+        (path / f"{n}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS[n]))
+
+
+def test_unedited_model_kl_and_every_change_are_exactly_zero(tiny, tmp_path):
+    """The edited tensors equal to the base ones: every change and interval end, the KL and the
+    perplexity change are exactly 0; a real change moves the KL off 0 and leaves the model
+    holding the edited tensors."""
+    _, model, tok = tiny
+    write_docs(tmp_path, ["arc_easy", "piqa", "lambada"])
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = dict(model.named_parameters())[name]
+    original = w.detach().clone()
+    spec = C.resolve("arc_easy,piqa,lambada:1,lambada_text")
+    rep = C.before_after(model, tok, spec, None, {name: original.clone()}, data_dir=tmp_path, say=lambda *_: None)
+    for t in rep["tasks"].values():
+        for c in t["metrics"].values():
+            assert c["change"] == 0 and c["ci95"] == [0.0, 0.0]
+    text = rep["tasks"]["lambada_text"]
+    assert text["tokens"] > 0 and text["metrics"]["kl_per_token"]["edited"] == 0.0
+    assert text["metrics"]["perplexity"]["base"] == text["metrics"]["perplexity"]["edited"]
+    harm = rep["averages"]["small"]
+    assert harm["change"] == 0 and harm["half_width"] == 0 and harm["flipped"] == 0
+    rep = C.before_after(model, tok, spec, None, {name: original + 0.3}, data_dir=tmp_path, say=lambda *_: None)
+    assert rep["tasks"]["lambada_text"]["metrics"]["kl_per_token"]["edited"] > 0
+    lo, hi = rep["tasks"]["lambada_text"]["metrics"]["kl_per_token"]["ci95"]
+    assert 0 < lo <= rep["tasks"]["lambada_text"]["metrics"]["kl_per_token"]["edited"] <= hi
+    assert torch.equal(w, original + 0.3)
+    model.load_tensors({name: original})
+    assert "lambada_text" in C.format_table(rep) and "KL(base || edited)" in C.format_table(rep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +349,42 @@ def test_resolve_sets_and_names():
     assert C.resolve("sst2, small,sst2")[:2] == ["sst2", "arc_easy"] and len(C.resolve("all")) == len(C.TASKS)
     with pytest.raises(C.CapabilityError, match="unknown task 'wmt16'.*known tasks: mmlu"):
         C.resolve("mmlu,wmt16")
+    assert C.resolve("lambada:40,harm,lambada")[0] == "lambada:40"  # a task's first mention counts
+    for bad in ("piqa:0", "piqa:ten", "piqa:-3"):
+        with pytest.raises(C.CapabilityError, match="after the colon give how many documents"):
+            C.resolve(bad)
+
+
+def test_harm_preset_reads_no_boolq_and_its_text_is_not_its_lambada_documents():
+    """BoolQ's passages are reserved for the rival editors' covariance statistics; the held-out
+    text must be passages the lambada task does not score."""
+    names = [C.split_entry(e)[0] for e in C.SETS["harm"]]
+    assert "boolq" not in names and all(n in C.TASKS or n in C.TEXTS for n in names)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert", ROOT / "data" / "capability" / "convert.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    text = C.TEXTS["lambada_text"]
+    lambada = dict(C.split_entry(e) for e in C.SETS["harm"])["lambada"]
+    assert text.source == "lambada" and lambada + text.last <= convert.SOURCES["lambada"][2]
+
+
+def test_half_width_formula_and_the_flip_share_it_allows():
+    """half_width is 1.96 * sqrt(sum_k var_k / n_k) / K; with every task flipping the share
+    flips_for allows (as many up as down), it is the target exactly; it agrees with the paired
+    bootstrap of the mean."""
+    sizes = [400, 1000, 2000]
+    f = C.flips_for(sizes, 0.015)
+    diffs = []
+    for n in sizes:
+        k = round(f * n / 2)
+        diffs.append(np.array([1.0] * k + [-1.0] * k + [0.0] * (n - 2 * k)))
+    assert C.half_width(diffs) == pytest.approx(0.015, rel=0.02)
+    rng = np.random.default_rng(0)
+    draws = np.mean([C.paired_change(np.zeros(len(d)), d, rng)[1] for d in diffs], axis=0)
+    lo, hi = C.interval(draws)
+    assert (hi - lo) / 2 == pytest.approx(C.half_width(diffs), rel=0.05)
 
 
 def test_limit_is_per_mmlu_subject_and_missing_files_say_how_to_make_them(tmp_path):

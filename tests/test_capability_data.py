@@ -33,12 +33,16 @@ def test_request_documents_back_to_their_fields(tmp_path):
          "gold": 0},
         {"idx": 1, "query": "X -- A\nQuestion: B.\nQuestion: is it?\nAnswer:", "choices": ["yes", "no"], "gold": 1}])
     requests_file(tmp_path, "lambada", [{"id": 0, "query": "He drank the", "answers_text": ["milk"]}])
+    requests_file(tmp_path, "openbookqa", [
+        {"id": "8-1", "query": "Question: Fog is most likely around\nAnswer:", "choices": ["a marsh", "a desert"], "gold": 0}])
     assert convert.arc("arc_easy")(tmp_path) == [{"id": "a1", "question": "Which is a mammal?", "answerKey": "B",
                                                   "choices": {"text": ["shark", "whale", "trout"], "label": ["A", "B", "C"]}}]
     assert convert.boolq(tmp_path) == [
         {"question": "is the sun a star", "passage": "Sun -- The Sun is a star.", "idx": 0, "label": 1},
         {"question": "is it", "passage": "X -- A\nQuestion: B.", "idx": 1, "label": 0}]
     assert convert.lambada(tmp_path) == [{"text": "He drank the milk"}]
+    assert convert.openbookqa(tmp_path) == [{"id": "8-1", "question_stem": "Fog is most likely around", "answerKey": "A",
+                                             "choices": {"text": ["a marsh", "a desert"], "label": ["A", "B"]}}]
 
 
 def test_arrow_split_and_atomic_rerun(tmp_path, monkeypatch):

@@ -193,3 +193,33 @@ def test_capacity_and_budget_write_their_tables_and_resume(setup, tmp_path):
     result = json.loads(next((tmp_path / "budget").glob("*.json")).read_text())
     assert len(result["epochs"]) == 3 and [r["epoch"] for r in result["rows"]] == [2, 3]
     assert set(result["stops"]) >= {"cap only", "P10-G0.1"} and len(list((tmp_path / "runs").glob("*/snaps/e*.pt"))) == 3
+
+
+def test_harm_preset_keeps_its_own_document_counts():
+    """--capability harm: no --limit unless asked (or --quick); any other set: the script's default."""
+    from experiments import common
+
+    def limit(*argv):
+        return common.parse(common.parser("harm"), ["--edits", "x.json", *argv])[2]
+
+    assert limit("--capability", "harm") is None
+    assert limit("--capability", "harm", "--quick") == 5 and limit("--capability", "harm", "--limit", "7") == 7
+    assert limit("--capability", "small") == 20
+
+
+def test_harm_runs_only_the_steps_whose_outputs_are_missing(tmp_path, monkeypatch):
+    """experiments/harm.py: an edit whose delta exists is not trained again; an interrupted one
+    continues with --resume; evaluation follows its edit; the runs go smallest first."""
+    harm = script("harm")
+    (tmp_path / "smol-100").mkdir()
+    (tmp_path / "smol-100" / "delta.safetensors").write_bytes(b"")
+    (tmp_path / "qwen-100.partial").mkdir()
+    (tmp_path / "qwen-100.partial" / "checkpoint.pt").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(harm.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    harm.main(["--edits", "z.json", "--runs", "smol-100,qwen-100", "--work", str(tmp_path), "--out", str(tmp_path)])
+    steps = [(Path(c[1]).name, c[c.index("--out") + 1]) for c in calls]
+    assert steps == [("evaluate.py", str(tmp_path / "smol-100-harm.json")), ("edit.py", str(tmp_path / "qwen-100")),
+                     ("evaluate.py", str(tmp_path / "qwen-100-harm.json"))]
+    assert "--resume" in calls[1] and calls[0][calls[0].index("--capability") + 1] == "harm"
+    assert harm.RUNS == ["smol-100", "qwen-100", "smol-1000", "qwen-1000"]

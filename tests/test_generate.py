@@ -36,6 +36,19 @@ def test_fast_decoder_gives_the_reference_tokens(tiny, batch_size):
     assert G.greedy(model, tok, PROMPTS, max_new_tokens=12, stop=(), batch_size=batch_size) == ref
 
 
+@pytest.mark.parametrize("batch_size", [64, 3])
+def test_a_shared_prefix_read_once_gives_the_reference_tokens(tiny, batch_size):
+    """Few-shot prompts: the tokens every prompt begins with are prefilled once and each batch
+    starts from that cache; the new tokens are the reference decoder's."""
+    _, model, tok = tiny
+    shots = " ".join(f"w{40 + j}" for j in range(20))
+    prompts = [shots + " " + p for p in PROMPTS] + [shots]  # one prompt is the prefix alone
+    assert G.common_prefix([tok.encode(p) for p in prompts]) == 20
+    ref = G.greedy_reference(model, tok, prompts, max_new_tokens=12, stop=())
+    got = G.greedy(model, tok, prompts, max_new_tokens=12, stop=(), batch_size=batch_size, share_prefix=True)
+    assert got == ref
+
+
 def test_rows_stop_independently_and_the_fast_decoder_agrees(tiny, monkeypatch):
     """Make common tokens EOS: rows finish at different steps and leave the live set early."""
     _, model, tok = tiny

