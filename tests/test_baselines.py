@@ -1,0 +1,200 @@
+"""The rival editors (baselines/) against the algebra of their official implementations, on a
+tiny random Llama: each test checks a property the method's own equations promise."""
+import json
+
+import pytest
+import torch
+
+import data
+from baselines import alphaedit, cov, hparams, locate, memit, ultraedit
+
+VSTAR = locate.VStar(v_num_grad_steps=6, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0, kl_factor=0.0625)
+TEMPLATES = [["{}"], ["w7 w8 w9. {}", "w20 w21. {}"]]
+
+
+def edits(n=3):
+    """Edits in the tiny tokenizer's words: subject w{a} w{a+1} inside the prompt."""
+    return [data.Edit(prompt=f"w{30 + 5 * i} w{100 + i} w{101 + i} w{40 + i}", target=f"w{200 + i} w{210 + i}",
+                      subject=f"w{100 + i} w{101 + i}", record=i) for i in range(n)]
+
+
+def test_subject_token_comes_from_character_offsets(tiny):
+    _, _, tok = tiny
+    r = locate.requests(tok, edits(1), "e.json", eos=False)[0]
+    ids, j = locate.subject_token(tok, *locate.fill("w7 w8. {}", r))
+    assert tok.decode([ids[j]]) == "w101"  # the subject's last word, behind a context
+    assert r.answer == tok.encode(" w200 w210", add_special_tokens=False)
+
+
+def test_a_subject_missing_from_its_prompt_is_refused_by_record(tiny):
+    _, _, tok = tiny
+    bad = edits(3)
+    bad[2].subject = "w250"
+    with pytest.raises(data.EditFileError, match=r"record 2: subject 'w250' does not occur in the prompt"):
+        locate.requests(tok, bad, "e.json", eos=False)
+
+
+def test_batched_v_star_equals_per_edit_v_star(tiny):
+    _, model, tok = tiny
+    reqs = locate.requests(tok, edits(3), "e.json", eos=True)
+    together, log = locate.target_values(model, tok, reqs, TEMPLATES, 1, VSTAR)
+    alone = torch.cat([locate.target_values(model, tok, [r], TEMPLATES, 1, VSTAR)[0] for r in reqs])
+    assert torch.allclose(together, alone, rtol=1e-4, atol=1e-5)
+    assert all(x["steps"] > 0 for x in log)  # it did optimise
+
+
+def test_v_star_lowers_the_answer_loss_within_the_clamp(tiny):
+    _, model, tok = tiny
+    reqs = locate.requests(tok, edits(2), "e.json", eos=False)
+    hp = locate.VStar(v_num_grad_steps=15, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=0.75, kl_factor=0.0625)
+    _, log = locate.target_values(model, tok, reqs, TEMPLATES, 1, hp)
+    _, start = locate.target_values(model, tok, reqs, TEMPLATES, 1, locate.VStar(v_num_grad_steps=1))  # no step
+    for x, x0 in zip(log, start):
+        assert x["delta_norm"] <= 0.75 * x["init_norm"] * (1 + 1e-5)
+        assert x["nll"] < x0["nll"]
+
+
+def key_covariance(model, tok, layer, n=60):
+    """C0 of a layer over random word sequences (full rank for the tiny MLP width)."""
+    g = torch.Generator().manual_seed(0)
+    seqs = [tok.encode(" ".join(f"w{int(x)}" for x in torch.randint(3, 320, (30,), generator=g))) for _ in range(n)]
+    return cov.second_moments(model, seqs, [layer])[layer]
+
+
+def test_memit_one_edit_with_lambda_to_zero_maps_its_key_to_v_star(tiny):
+    _, model, tok = tiny
+    layer = 1
+    reqs = locate.requests(tok, edits(1), "e.json", eos=False)
+    bare = [["{}"]]  # one context: the key is the bare prompt's, the one read back below
+    z, _ = locate.target_values(model, tok, reqs, bare, layer, VSTAR)
+    K = locate.keys(model, tok, reqs, bare, [layer])[layer]
+    now = locate.subject_outputs(model, tok, reqs, layer)
+    dW = memit.memit_update(K, z - now, key_covariance(model, tok, layer), lam=1e-9)
+    W = memit.down_proj(model, layer)
+    original = W.detach().clone()
+    try:
+        memit.set_weight(W, original.double() + dW)
+        after = locate.subject_outputs(model, tok, reqs, layer)
+    finally:
+        memit.set_weight(W, original)
+    assert (after - z).norm() / (z - now).norm() < 1e-4  # the layer now outputs v* at the subject
+
+
+def test_memit_update_solves_its_normal_equations():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, 40, generator=g, dtype=torch.float64)
+    C0, K, R = X.T @ X / 500, torch.randn(7, 40, generator=g), torch.randn(7, 16, generator=g)
+    dW = memit.memit_update(K, R, C0, lam=3.0)
+    # d/d(dW) of |dW K^T - R^T|^2 + lam tr(dW C0 dW^T) = 0
+    lhs = dW @ (3.0 * C0 + K.double().T @ K.double())
+    assert torch.allclose(lhs, R.double().T @ K.double(), atol=1e-10)
+
+
+def spectrum_with_null_space(dim=48, big=30, seed=0):
+    """An SPD C0 with `big` large eigenvalues and the rest tiny, and its eigenvectors."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.rand(big, generator=g, dtype=torch.float64) + 0.5, torch.full((dim - big,), 1e-4, dtype=torch.float64)])
+    return U @ torch.diag(evals) @ U.T, U[:, evals > 1e-2]
+
+
+def test_alphaedit_leaves_keys_in_the_preserved_subspace_unchanged():
+    C0, kept = spectrum_with_null_space()
+    P, rank = alphaedit.projection(C0, 2e-2)
+    assert rank == 18 and torch.allclose(P @ P, P, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(16, 48, generator=g, dtype=torch.float64)
+    K, R = torch.randn(5, 48, generator=g), torch.randn(5, 16, generator=g)
+    Cp = torch.zeros(48, 48, dtype=torch.float64)
+    dW = alphaedit.alphaedit_update(K, R, P, Cp, l2=1.0)
+    old_keys = kept @ torch.randn(kept.shape[1], 200, generator=g, dtype=torch.float64)  # keys C0 has seen
+    change = (dW @ old_keys).norm(dim=0) / (W @ old_keys).norm(dim=0)
+    assert change.max() < 1e-5
+    assert (dW @ K.double().T - R.double().T).norm() < R.norm()  # and it does edit
+
+
+def test_alphaedit_running_key_sum_equals_editing_all_batches_at_once():
+    """In the linear setting (batch 2's keys unchanged by batch 1, its residual what batch 1
+    left), two batches, the second carrying the first's keys in Cp, sum to the update that
+    edits both at once, for any L2: the normal equations add up."""
+    C0, _ = spectrum_with_null_space(big=20)
+    P, _ = alphaedit.projection(C0, 2e-2)
+    g = torch.Generator().manual_seed(2)
+    K1, K2 = torch.randn(4, 48, generator=g, dtype=torch.float64), torch.randn(3, 48, generator=g, dtype=torch.float64)
+    R1, R2 = torch.randn(4, 16, generator=g, dtype=torch.float64), torch.randn(3, 16, generator=g, dtype=torch.float64)
+    zero = torch.zeros(48, 48, dtype=torch.float64)
+    for l2 in (1.0, 10.0):  # the official values
+        d1 = alphaedit.alphaedit_update(K1, R1, P, zero, l2)
+        d2 = alphaedit.alphaedit_update(K2, R2 - K2 @ d1.T, P, K1.T @ K1, l2)  # what is left of batch 2 after batch 1
+        both = alphaedit.alphaedit_update(torch.cat([K1, K2]), torch.cat([R1, R2]), P, zero, l2)
+        assert torch.allclose(d1 + d2, both, atol=1e-9 * both.abs().max())
+
+
+def test_rect_keeps_exactly_the_asked_fraction_of_largest_relative_changes():
+    g = torch.Generator().manual_seed(3)
+    W, dW = torch.randn(20, 50, generator=g), torch.randn(20, 50, generator=g, dtype=torch.float64)
+    kept = memit.rect_mask(dW, W, 0.2)
+    assert int((kept != 0).sum()) == 200
+    rel = (dW / W.double()).abs()
+    assert rel[kept != 0].min() >= rel[kept == 0].max()
+    assert torch.equal(kept[kept != 0], dW[kept != 0])
+
+
+def test_ultraedit_solve_satisfies_its_normal_equations():
+    g = torch.Generator().manual_seed(4)
+    K, V = torch.randn(30, 12, generator=g), torch.randn(30, 7, generator=g)
+    X = ultraedit.ridge_solve(K, V, ridge=1.0)
+    K, V = K.double(), V.double()
+    assert torch.allclose((K.T @ K + torch.eye(12, dtype=torch.float64)) @ X, K.T @ V, atol=1e-10)
+
+
+def test_lifelong_normaliser_mean_is_the_mean_of_every_row_so_far():
+    g = torch.Generator().manual_seed(5)
+    norm, rows = ultraedit.RunningNorm(6), []
+    for n in (7, 3, 12):
+        x = torch.randn(n, 6, generator=g) * 3 + 1
+        norm.update(x)
+        rows.append(x)
+    allx = torch.cat(rows).double()
+    assert norm.n == 22 and torch.allclose(norm.mean, allx.mean(0), atol=1e-12)
+    assert torch.allclose(norm.std, allx.std(0), rtol=0.1)  # the official update: close to, not exactly, the sample std
+
+
+def test_ultraedit_changes_only_its_modules_and_shares_a_normaliser_per_shape(tiny):
+    _, model, tok = tiny
+    enc = [(ids[:-1], n) for ids, n in (data.encode_edit(tok, e.prompt, e.target) for e in edits(4))]
+    hp = dict(modules={"gate_proj": [1], "up_proj": [1, 2]}, lr=1e-3, sub_batch=2, ridge=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    norms = {}
+    try:
+        ultraedit.edit_batch(model, enc, hp, norms)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    finally:
+        model.load_tensors(before)
+    assert changed == {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                       "model.layers.2.mlp.up_proj.weight"}
+    assert list(norms) == ["64x112"] and norms["64x112"].n == 3 * 4 * 2  # 3 modules x 4 edits x 2 answer tokens
+
+
+def test_hyperparameters_are_official_on_reference_models_and_scaled_by_depth_elsewhere():
+    hp, src = hparams.resolve("memit", "llama", 32)
+    assert hp["layers"] == [4, 5, 6, 7, 8] and src["rule"] == "official Llama-3-8B set"
+    hp, _ = hparams.resolve("alphaedit", "qwen2", 24)
+    assert hp["layers"] == [3, 4, 5, 6, 7] and hp["nullspace_threshold"] == 2e-2
+    hp, _ = hparams.resolve("ultraedit", "llama", 30)
+    assert hp["modules"] == {"gate_proj": [10, 11, 12, 13, 14], "up_proj": [17, 18, 19, 20, 21, 22, 23]}
+    assert hparams.resolve("ft_l", "qwen2", 28)[0]["layer"] == 27
+
+
+def test_covariance_corpus_must_hold_ten_times_the_mlp_width(tiny, tmp_path):
+    _, _, tok = tiny
+    f = tmp_path / "short.txt"
+    f.write_text("w5 w6 w7\n\nw8 w9")
+    docs, name = cov.read_corpus(f)
+    assert docs == ["w5 w6 w7", "w8 w9"]
+    with pytest.raises(cov.CorpusError, match="fewer than 10x the MLP width"):
+        cov.tokenize(tok, docs, None, 112, name)
+    j = tmp_path / "wiki.jsonl"
+    j.write_text(json.dumps({"text": "w1 w2"}) + "\n" + json.dumps({"title": "x"}) + "\n")
+    with pytest.raises(cov.CorpusError, match="line 2"):
+        cov.read_corpus(j)
