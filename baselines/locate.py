@@ -222,21 +222,22 @@ def target_values(model, tok, reqs: list[Request], templates: list[list[str]], l
         encoded.append((ids, len(ids)))  # no targets
         lookup.append(j)
     lookup = torch.tensor(lookup)
-    cache = PrefixCache(model, encoded, 0, layer + 1)  # every sequence's output of `layer`, once
+    cache = PrefixCache(model, encoded, 0, layer)  # every sequence's input to `layer`, computed once
     n, D = len(reqs), cache.h.shape[-1]
-    first = cache.offsets[:-1]
-    h_init = cache.h[first[::per] + lookup[::per]].float()  # the bare prompt's vector at the subject
-    init_norm = h_init.norm(dim=1)
     lengths = torch.tensor([len(r.answer) for r in reqs], dtype=torch.float)
 
     def run(chunk: list[int], d: torch.Tensor):
-        """Logits for `chunk`'s sequences with d (len(chunk), D) added at the subject: log-probs
-        of the answer tokens summed per sequence, and the KL prompts' log-distributions."""
+        """Logits for `chunk`'s sequences with d (len(chunk), D) added to `layer`'s output at the
+        subject: log-probs of the answer tokens summed per sequence, the KL prompts'
+        log-distributions, and `layer`'s output at each subject before the change."""
         idx = [i * per + j for i in chunk for j in range(per)]
         h, b = cache.batch(idx)  # packed, no padding
+        with torch.no_grad():  # `layer` itself does not depend on d: run it outside the graph
+            h = model.forward_from(h, layer, positions=b.positions, segments=b.segments, stop_layer=layer + 1).float()
         starts = ((b.positions == 0) & (b.segments >= 0)).nonzero()  # each sequence's first token, in order
         rows, cols = starts[:, 0], starts[:, 1] + lookup[idx]
-        h = h.float().index_put((rows, cols), d.repeat_interleave(per, 0), accumulate=True)
+        base = h[rows, cols]
+        h = h.index_put((rows, cols), d.repeat_interleave(per, 0), accumulate=True)
         is_kl_seq = torch.arange(len(idx)) % per == per - 1
         kl_mask = torch.zeros_like(b.target_mask)
         kl_mask[rows[is_kl_seq], cols[is_kl_seq]] = True
@@ -246,7 +247,7 @@ def target_values(model, tok, reqs: list[Request], templates: list[list[str]], l
         is_kl = kl_mask[want]
         token_lp = logp[~is_kl].gather(1, b.labels[:, None])[:, 0]
         seq_lp = torch.zeros(len(idx)).index_add(0, b.segments[b.predict_mask], token_lp)
-        return seq_lp.view(len(chunk), per)[:, :-1], logp[is_kl]
+        return seq_lp.view(len(chunk), per)[:, :-1], logp[is_kl], base[::per]
 
     def chunks(active: list[int]):
         size = lambda i: sum(len(encoded[i * per + j][0]) for j in range(per))  # noqa: E731
@@ -259,8 +260,11 @@ def target_values(model, tok, reqs: list[Request], templates: list[list[str]], l
             used += size(i)
         return out
 
-    with torch.no_grad():  # the KL term's reference: the distributions before any change
-        kl_init = torch.cat([run(c, torch.zeros(len(c), D))[1] for c in chunks(list(range(n)))])
+    with torch.no_grad():  # the KL term's reference (the distributions before any change) and h
+        first = [run(c, torch.zeros(len(c), D))[1:] for c in chunks(list(range(n)))]
+    kl_init = torch.cat([kl for kl, _ in first])
+    h_init = torch.cat([h for _, h in first])  # the bare prompt's vector at the subject
+    init_norm = h_init.norm(dim=1)
     delta, m, v = torch.zeros(n, D), torch.zeros(n, D), torch.zeros(n, D)
     steps, done = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
     last = [dict() for _ in range(n)]
@@ -271,7 +275,7 @@ def target_values(model, tok, reqs: list[Request], templates: list[list[str]], l
         for chunk in chunks(active):
             c = torch.tensor(chunk)
             d = delta[c].clone().requires_grad_()
-            seq_lp, kl_lp = run(chunk, d)
+            seq_lp, kl_lp, _ = run(chunk, d)
             nll = -(seq_lp / lengths[c, None]).mean(1)
             kl = (kl_lp.exp() * (kl_lp - kl_init[c])).sum(1)  # KL(now || before), as the official kl_div call computes
             wd = hp.v_weight_decay * d.norm(dim=1) / init_norm[c] ** 2

@@ -198,3 +198,99 @@ def test_covariance_corpus_must_hold_ten_times_the_mlp_width(tiny, tmp_path):
     j.write_text(json.dumps({"text": "w1 w2"}) + "\n" + json.dumps({"title": "x"}) + "\n")
     with pytest.raises(cov.CorpusError, match="line 2"):
         cov.read_corpus(j)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: every method's delta is scored by evaluate.py like edit.py's
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny Llama checkpoint on disk, an edit file, a covariance text and a cache dir."""
+    from tiny import make_checkpoint
+
+    d = tmp_path_factory.mktemp("tinyrun")
+    ckpt = d / "ckpt"
+    make_checkpoint(ckpt, "llama")
+    (d / "edits.json").write_text(json.dumps([e.to_json() for e in edits(4)]))
+    g = torch.Generator().manual_seed(7)
+    docs = [" ".join(f"w{int(x)}" for x in torch.randint(3, 320, (60,), generator=g)) for _ in range(40)]
+    (d / "cov.txt").write_text("\n\n".join(docs))
+    return d
+
+
+def run_cli(tiny_run, method, out, *extra):
+    from baselines import run
+
+    return run.main(["--method", method, "--ckpt", str(tiny_run / "ckpt"), "--edits", str(tiny_run / "edits.json"),
+                     "--out", str(out), "--batch", "2", *(["--cov-text", str(tiny_run / "cov.txt"), "--cov-cache",
+                                                           str(tiny_run / "cache")] if method in ("memit", "rect", "alphaedit") else []),
+                     *extra])
+
+
+@pytest.mark.parametrize("method", hparams.METHODS)
+def test_every_method_writes_a_delta_that_evaluate_scores(tiny_run, tmp_path, method, one_thread, capsys):
+    import evaluate
+    from safetensors import safe_open
+
+    out = tmp_path / method
+    assert run_cli(tiny_run, method, out, "--eos") == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["delta.safetensors", "edits.jsonl", "train_log.json"] + (["state.safetensors"] if method in ("alphaedit", "ultraedit") else []))
+    with safe_open(str(out / "delta.safetensors"), framework="pt") as sf:
+        meta = sf.metadata()
+    assert meta["method"] == method and meta["eos"] == "True" and json.loads(meta["hparams"])
+    log = json.loads((out / "train_log.json").read_text())
+    assert [b["edits"] for b in log["batches"]] == [[0, 2], [2, 4]]
+    if method in ("memit", "rect", "alphaedit"):
+        assert len(meta["corpus_sha256"]) == 64 and int(meta["corpus_tokens"]) >= 1120
+    assert evaluate.main(["--ckpt", str(tiny_run / "ckpt"), "--delta", str(out / "delta.safetensors"),
+                          "--edits", str(out / "edits.jsonl"), "--out", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["metrics"]["reliability (greedy EM)"]["n"] == 4
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "ultraedit"])
+def test_a_run_killed_between_batches_resumes_to_the_same_delta(tiny_run, tmp_path, method, one_thread, monkeypatch):
+    from safetensors.torch import load_file
+
+    from baselines import run
+
+    assert run_cli(tiny_run, method, tmp_path / "whole") == 0
+    calls = {"n": 0}
+    real = run.Method.edit_batch
+
+    def dies_in_batch_two(self, start, end):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, start, end)
+
+    monkeypatch.setattr(run.Method, "edit_batch", dies_in_batch_two)
+    assert run_cli(tiny_run, method, tmp_path / "split") == 130
+    assert (tmp_path / "split.partial" / "checkpoint.pt").is_file() and not (tmp_path / "split").exists()
+    monkeypatch.setattr(run.Method, "edit_batch", real)
+    assert run_cli(tiny_run, method, tmp_path / "split", "--resume") == 0
+    for name in ("delta.safetensors", run.STATE):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "split" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_gets_one_line_errors(tiny_run, tmp_path, capsys):
+    bad = [e.to_json() for e in edits(2)]
+    bad[1]["subject"] = "w999"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    from baselines import run
+
+    code = run.main(["--method", "memit", "--ckpt", str(tiny_run / "ckpt"), "--edits", str(tmp_path / "bad.json"),
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "record 1: subject 'w999' does not occur" in err
+    assert run_cli(tiny_run, "memit", tmp_path / "o2", "--batch", "0") == 2
+    assert "--batch must be positive" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("w5 w6 w7")
+    assert run.main(["--method", "alphaedit", "--ckpt", str(tiny_run / "ckpt"), "--edits", str(tiny_run / "edits.json"),
+                     "--out", str(tmp_path / "o3"), "--cov-text", str(short)]) == 2
+    assert "fewer than 10x the MLP width" in capsys.readouterr().err
+    assert not any(p.name.startswith("o") for p in tmp_path.iterdir())  # nothing half-written
