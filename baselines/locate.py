@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data import EditFileError, PrefixCache, collate, encode_edit
+from data import EditFileError, collate, encode_edit
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")  # the official context templates' first words
 STOP_LOSS = 5e-2  # v*: an edit whose loss is below this stops optimising (the official early stop)
@@ -185,6 +185,56 @@ def subject_outputs(model, tok, reqs: list[Request], layer: int) -> torch.Tensor
 # The target value v*
 
 
+class FrozenPrefix:
+    """Sequences cut at one token each (the subject's last): nothing below `layer` changes, and a
+    vector added to `layer`'s output at the cut reaches only the tokens from the cut on. So the
+    output of `layer` at every token, and the keys and values of the tokens before the cut at
+    every layer above, are computed once; `logits` runs only the tokens from the cut on, with
+    those keys and values as a KV cache (exact: the same attention over the same numbers)."""
+
+    @torch.no_grad()
+    def __init__(self, model, seqs: list[list[int]], cut: list[int], layer: int, batch_size: int = 32):
+        self.model, self.seqs, self.cut, self.layer = model, seqs, cut, layer
+        n_layers = model.args.n_layers
+        self.out = [None] * len(seqs)  # (len, D): `layer`'s output at every token
+        self.kv = [None] * len(seqs)  # per layer above: (keys, values) (n_kv, cut, hd) of the tokens before the cut
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            b = collate([(seqs[i], len(seqs[i])) for i in rows], pad_id=0)  # right padding: no mask needed
+            h = model.hidden_states(b.ids, layer=layer + 1)
+            P = max(cut[i] for i in rows)
+            H, mask = h.new_zeros(len(rows), P, h.shape[-1]), torch.zeros(len(rows), P, dtype=torch.long)
+            for j, i in enumerate(rows):
+                self.out[i] = h[j, :len(seqs[i])]
+                H[j, P - cut[i]:], mask[j, P - cut[i]:] = h[j, :cut[i]], 1  # left-padded: every cut at column P
+            cache = model.new_cache(len(rows), max(P, 1))
+            if P and layer + 1 < n_layers:
+                model.forward_from(H, layer + 1, attention_mask=mask, cache=cache, stop_layer=n_layers)
+            for j, i in enumerate(rows):
+                self.kv[i] = [(cache[l].k[j, :, P - cut[i]:P].clone(), cache[l].v[j, :, P - cut[i]:P].clone())
+                              for l in range(layer + 1, n_layers)]
+
+    def logits(self, idx: list[int], add: torch.Tensor, want: list[list[int]]) -> torch.Tensor:
+        """Sequences `idx` with add[j] added to `layer`'s output at sequence j's cut: the logits at
+        positions want[j] (counted from the cut), all of them in order: (sum of len(want[j]), V)."""
+        model, layer = self.model, self.layer
+        B, P = len(idx), max(self.cut[i] for i in idx)
+        S = max(len(self.seqs[i]) - self.cut[i] for i in idx)
+        H = torch.zeros(B, S, model.args.dim, dtype=self.out[idx[0]].dtype)
+        mask = torch.zeros(B, P + S, dtype=torch.long)
+        at = torch.zeros(B, S, dtype=torch.bool)
+        cache = model.new_cache(B, P + S)
+        for j, i in enumerate(idx):
+            p, s = self.cut[i], len(self.seqs[i]) - self.cut[i]
+            H[j, :s], mask[j, P - p:P + s] = self.out[i][p:], 1
+            at[j, want[j]] = True
+            for l, (k, v) in zip(range(layer + 1, model.args.n_layers), self.kv[i]):
+                cache[l].k[j, :, P - p:P], cache[l].v[j, :, P - p:P] = k, v
+        H = H.float().index_put((torch.arange(B), torch.zeros(B, dtype=torch.long)), add, accumulate=True)
+        return model.forward_from(H, layer + 1, attention_mask=mask, cache=cache, cache_pos=P, logits_at=at)
+
+
 @dataclass
 class VStar:
     """The official v* optimisation's settings (their names in the official configs)."""
@@ -208,7 +258,8 @@ def target_values(model, tok, reqs: list[Request], templates: list[list[str]], l
     h being the bare prompt's output there; after each step |delta| is clamped to
     clamp_norm_factor * |h|, and an edit stops once its loss is below 5e-2. Edits never interact,
     so they are optimised together (in chunks of about `max_tokens` tokens) and each gets exactly
-    what it would alone. Returns v* = h + delta (n, D) and a log line per edit."""
+    what it would alone; only the tokens from the subject's last one on are recomputed at each
+    step (FrozenPrefix). Returns v* = h + delta (n, D) and a log line per edit."""
     flat = [t for group in templates for t in group]
     per = len(flat) + 1  # an edit's sequences: one per template, then the KL prompt
     encoded, lookup = [], []
@@ -221,33 +272,34 @@ def target_values(model, tok, reqs: list[Request], templates: list[list[str]], l
         ids, j = subject_token(tok, kl_text, 0, len(r.subject))
         encoded.append((ids, len(ids)))  # no targets
         lookup.append(j)
-    lookup = torch.tensor(lookup)
-    cache = PrefixCache(model, encoded, 0, layer)  # every sequence's input to `layer`, computed once
-    n, D = len(reqs), cache.h.shape[-1]
+    frozen = FrozenPrefix(model, [ids for ids, _ in encoded], lookup, layer)
+    n, D = len(reqs), model.args.dim
     lengths = torch.tensor([len(r.answer) for r in reqs], dtype=torch.float)
+    # per sequence: the positions (counted from the subject's last token) whose logits the loss
+    # reads, and the tokens they predict; the KL prompt reads the subject's own position
+    want, labels = [], []
+    for k, ((ids, n_prompt), p) in enumerate(zip(encoded, lookup)):
+        if k % per == per - 1:
+            want.append([0])
+            labels.append([-1])
+        else:
+            want.append(list(range(n_prompt - 1 - p, len(ids) - 1 - p)))
+            labels.append(ids[n_prompt:])
+    h_init = torch.stack([frozen.out[i * per][lookup[i * per]] for i in range(n)]).float()  # the bare prompt's
+    init_norm = h_init.norm(dim=1)
 
     def run(chunk: list[int], d: torch.Tensor):
-        """Logits for `chunk`'s sequences with d (len(chunk), D) added to `layer`'s output at the
-        subject: log-probs of the answer tokens summed per sequence, the KL prompts'
-        log-distributions, and `layer`'s output at each subject before the change."""
+        """`chunk`'s sequences with d (len(chunk), D) added to `layer`'s output at the subject:
+        the answer's log-probability summed per sequence (len(chunk), templates) and the KL
+        prompts' next-token log-distributions (len(chunk), V)."""
         idx = [i * per + j for i in chunk for j in range(per)]
-        h, b = cache.batch(idx)  # packed, no padding
-        with torch.no_grad():  # `layer` itself does not depend on d: run it outside the graph
-            h = model.forward_from(h, layer, positions=b.positions, segments=b.segments, stop_layer=layer + 1).float()
-        starts = ((b.positions == 0) & (b.segments >= 0)).nonzero()  # each sequence's first token, in order
-        rows, cols = starts[:, 0], starts[:, 1] + lookup[idx]
-        base = h[rows, cols]
-        h = h.index_put((rows, cols), d.repeat_interleave(per, 0), accumulate=True)
-        is_kl_seq = torch.arange(len(idx)) % per == per - 1
-        kl_mask = torch.zeros_like(b.target_mask)
-        kl_mask[rows[is_kl_seq], cols[is_kl_seq]] = True
-        want = b.predict_mask | kl_mask
-        logp = F.log_softmax(model.forward_from(h, layer + 1, positions=b.positions, segments=b.segments,
-                                                logits_at=want).float(), -1)  # row-major over `want`
-        is_kl = kl_mask[want]
-        token_lp = logp[~is_kl].gather(1, b.labels[:, None])[:, 0]
-        seq_lp = torch.zeros(len(idx)).index_add(0, b.segments[b.predict_mask], token_lp)
-        return seq_lp.view(len(chunk), per)[:, :-1], logp[is_kl], base[::per]
+        logp = F.log_softmax(frozen.logits(idx, d.repeat_interleave(per, 0), [want[k] for k in idx]).float(), -1)
+        y = torch.tensor([t for k in idx for t in labels[k]])  # in the logits' order; -1 marks a KL row
+        seq = torch.tensor([j for j, k in enumerate(idx) for _ in labels[k]])
+        is_tok = y >= 0
+        token_lp = logp[is_tok].gather(1, y[is_tok, None])[:, 0]
+        seq_lp = torch.zeros(len(idx)).index_add(0, seq[is_tok], token_lp)
+        return seq_lp.view(len(chunk), per)[:, :-1], logp[~is_tok]
 
     def chunks(active: list[int]):
         size = lambda i: sum(len(encoded[i * per + j][0]) for j in range(per))  # noqa: E731
@@ -260,11 +312,8 @@ def target_values(model, tok, reqs: list[Request], templates: list[list[str]], l
             used += size(i)
         return out
 
-    with torch.no_grad():  # the KL term's reference (the distributions before any change) and h
-        first = [run(c, torch.zeros(len(c), D))[1:] for c in chunks(list(range(n)))]
-    kl_init = torch.cat([kl for kl, _ in first])
-    h_init = torch.cat([h for _, h in first])  # the bare prompt's vector at the subject
-    init_norm = h_init.norm(dim=1)
+    with torch.no_grad():  # the KL term's reference: the distributions before any change
+        kl_init = torch.cat([run(c, torch.zeros(len(c), D))[1] for c in chunks(list(range(n)))])
     delta, m, v = torch.zeros(n, D), torch.zeros(n, D), torch.zeros(n, D)
     steps, done = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
     last = [dict() for _ in range(n)]
@@ -275,7 +324,7 @@ def target_values(model, tok, reqs: list[Request], templates: list[list[str]], l
         for chunk in chunks(active):
             c = torch.tensor(chunk)
             d = delta[c].clone().requires_grad_()
-            seq_lp, kl_lp, _ = run(chunk, d)
+            seq_lp, kl_lp = run(chunk, d)
             nll = -(seq_lp / lengths[c, None]).mean(1)
             kl = (kl_lp.exp() * (kl_lp - kl_init[c])).sum(1)  # KL(now || before), as the official kl_div call computes
             wd = hp.v_weight_decay * d.norm(dim=1) / init_norm[c] ** 2

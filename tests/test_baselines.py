@@ -43,6 +43,22 @@ def test_batched_v_star_equals_per_edit_v_star(tiny):
     assert all(x["steps"] > 0 for x in log)  # it did optimise
 
 
+def test_v_star_loss_before_any_step_is_the_full_models_answer_nll(tiny):
+    """The v* loop runs only the tokens from the subject on, over cached keys and values of
+    the rest: before any step its NLL must be what a plain forward pass of each whole sequence gives."""
+    _, model, tok = tiny
+    reqs = locate.requests(tok, edits(3), "e.json", eos=True)
+    _, log = locate.target_values(model, tok, reqs, TEMPLATES, 1, locate.VStar(v_num_grad_steps=1))
+    for r, x in zip(reqs, log):
+        nll = []
+        for t in [t for g in TEMPLATES for t in g]:
+            ids, _ = locate.subject_token(tok, *locate.fill(t, r))
+            logp = torch.log_softmax(model(torch.tensor([ids + r.answer]))[0].float(), -1)
+            nll.append(-sum(logp[len(ids) - 1 + k, a] for k, a in enumerate(r.answer)) / len(r.answer))
+        assert abs(x["nll"] - sum(nll).item() / len(nll)) < 1e-4 * abs(x["nll"])
+        assert abs(x["kl"]) < 1e-6
+
+
 def test_v_star_lowers_the_answer_loss_within_the_clamp(tiny):
     _, model, tok = tiny
     reqs = locate.requests(tok, edits(2), "e.json", eos=False)
