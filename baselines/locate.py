@@ -215,9 +215,23 @@ class FrozenPrefix:
                 self.kv[i] = [(cache[l].k[j, :, P - cut[i]:P].clone(), cache[l].v[j, :, P - cut[i]:P].clone())
                               for l in range(layer + 1, n_layers)]
 
-    def logits(self, idx: list[int], add: torch.Tensor, want: list[list[int]]) -> torch.Tensor:
+    def logits(self, idx: list[int], add: torch.Tensor, want: list[list[int]], slots: int = 256) -> torch.Tensor:
         """Sequences `idx` with add[j] added to `layer`'s output at sequence j's cut: the logits at
-        positions want[j] (counted from the cut), all of them in order: (sum of len(want[j]), V)."""
+        positions want[j] (counted from the cut), sequence after sequence: (sum of len(want[j]), V).
+        Run in groups of similar length (about `slots` padded positions each): little padding."""
+        tail = lambda j: len(self.seqs[idx[j]]) - self.cut[idx[j]]  # noqa: E731
+        groups, out = [[]], [None] * len(idx)
+        for j in sorted(range(len(idx)), key=tail):
+            if groups[-1] and (len(groups[-1]) + 1) * tail(j) > slots:
+                groups.append([])
+            groups[-1].append(j)
+        for g in groups:
+            pieces = self._logits([idx[j] for j in g], add[g], [want[j] for j in g]).split([len(want[j]) for j in g])
+            for j, piece in zip(g, pieces):
+                out[j] = piece
+        return torch.cat(out)
+
+    def _logits(self, idx: list[int], add: torch.Tensor, want: list[list[int]]) -> torch.Tensor:
         model, layer = self.model, self.layer
         B, P = len(idx), max(self.cut[i] for i in idx)
         S = max(len(self.seqs[i]) - self.cut[i] for i in idx)
