@@ -12,7 +12,6 @@ and the evaluator can decode incrementally with a `KVCache`.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer import CheckpointError, Tokenizer, read_json
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "mistral")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded; the message names the file and the problem."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +352,44 @@ def placement(name: str, args: ModelArgs, n_devices: int) -> int:
     return n_devices - 1
 
 
+# ----------------------------------------------------------------------------------------------
+# The tensors of a layer that an edit can train, by the names a paper uses for them
+
+MODULES = {
+    # --module -> tensors of layer L (name prefixes after `model.layers.{L}.`); "layer": all of them
+    "down_proj": ["mlp.down_proj.weight"],
+    "up_proj": ["mlp.up_proj.weight"],
+    "gate_proj": ["mlp.gate_proj.weight"],
+    "mlp": ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"],
+    "attn": ["self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj."],
+    "layer": [""],
+    # Qwen2-MoE's sparse layers: the shared expert every token goes through (the routed experts
+    # and the router train only with "layer")
+    "shared_expert.down_proj": ["mlp.shared_expert.down_proj.weight"],
+    "shared_expert.up_proj": ["mlp.shared_expert.up_proj.weight"],
+    "shared_expert.gate_proj": ["mlp.shared_expert.gate_proj.weight"],
+    "shared_expert": ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight",
+                      "mlp.shared_expert.down_proj.weight"],
+}
+MOE_MODULE = "shared_expert.down_proj"  # the default on a sparse layer: the paper's Appendix A.2
+
+
+def in_module(name: str, module: str) -> bool:
+    """Whether a tensor of a layer (its name after `model.layers.{L}.`) belongs to `module`."""
+    return any(name.startswith(s) for s in MODULES[module])
+
+
+def select_params_by_name(params: dict, layer: int, module: str) -> dict:
+    """The entries of {checkpoint name: ...} that `module` names in `layer`."""
+    prefix = f"model.layers.{layer}."
+    return {n: p for n, p in params.items() if n.startswith(prefix) and in_module(n[len(prefix):], module)}
+
+
+def select_params(model, layer: int, module: str) -> dict[str, nn.Parameter]:
+    """The checkpoint-named parameters that `module` names in `layer`."""
+    return select_params_by_name(dict(model.named_parameters()), layer, module)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -507,92 +542,7 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """`tokenizer.json` through `tokenizers`, else `tokenizer.model` through `sentencepiece`.
-
-    BOS is added exactly when the checkpoint adds it: the tokenizer.json post-processor decides
-    for `tokenizers` (Llama-3 adds <|begin_of_text|>, Qwen2 adds nothing); `add_bos_token` in
-    tokenizer_config.json decides for sentencepiece (default true, as for Llama-2 / Mistral).
-    """
-
-    def __init__(self, ckpt_dir: Path, args: ModelArgs):
-        ckpt_dir = Path(ckpt_dir)
-        tcfg = _read_json(ckpt_dir / "tokenizer_config.json") if (ckpt_dir / "tokenizer_config.json").exists() else {}
-        gcfg = _read_json(ckpt_dir / "generation_config.json") if (ckpt_dir / "generation_config.json").exists() else {}
-        self._tok = self._sp = None
-        try:
-            if (ckpt_dir / "tokenizer.json").exists():
-                from tokenizers import Tokenizer as HFTokenizer
-
-                self._tok = HFTokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
-                self.add_bos = None  # the post-processor decides
-            elif (ckpt_dir / "tokenizer.model").exists():
-                import sentencepiece as spm
-
-                self._sp = spm.SentencePieceProcessor(model_file=str(ckpt_dir / "tokenizer.model"))
-                self.add_bos = bool(tcfg.get("add_bos_token", True))
-            else:
-                raise CheckpointError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model")
-        except CheckpointError:
-            raise
-        except Exception as e:  # the libraries' own errors for a corrupt file, in one line
-            name = "tokenizer.json" if (ckpt_dir / "tokenizer.json").exists() else "tokenizer.model"
-            raise CheckpointError(f"{ckpt_dir / name}: cannot be read as a tokenizer ({str(e).splitlines()[0][:200]})") from None
-
-        def token_id(value):
-            if value is None or isinstance(value, int):
-                return value
-            if isinstance(value, dict):  # {"content": "<s>", ...} in older tokenizer_config files
-                value = value.get("content")
-            return self.token_to_id(value)
-
-        self.bos_id = args.bos_token_id if args.bos_token_id is not None else token_id(tcfg.get("bos_token"))
-        # generation_config's eos list is what generate() stops on (e.g. Llama-3-Instruct's <|eot_id|>)
-        eos = gcfg.get("eos_token_id", args.eos_token_ids or token_id(tcfg.get("eos_token")))
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if not self.eos_ids:
-            raise CheckpointError(f"{ckpt_dir}: no eos_token_id in config.json or generation_config.json")
-        # The EOS appended to edit targets: the tokenizer's own eos (Qwen2.5-Instruct: <|im_end|>),
-        # falling back to the model config's first eos.
-        self.eos_id = token_id(tcfg.get("eos_token")) if tcfg.get("eos_token") else self.eos_ids[0]
-        pad = args.pad_token_id if args.pad_token_id is not None else token_id(tcfg.get("pad_token"))
-        self.pad_id = pad if pad is not None else self.eos_id
-
-    def token_to_id(self, token: str) -> int | None:
-        if self._tok is not None:
-            return self._tok.token_to_id(token)
-        return self._sp.piece_to_id(token)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if self._tok is not None:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self._sp.encode(text)
-        return ([self.bos_id] if add_special_tokens and self.add_bos else []) + ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids]
-        if self._tok is not None:
-            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-        return self._sp.decode(ids)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size() if self._tok is not None else self._sp.get_piece_size()
-
-
-# ----------------------------------------------------------------------------------------------
 # Loading
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def checkpoint_files(ckpt_dir) -> list[Path]:
@@ -600,7 +550,7 @@ def checkpoint_files(ckpt_dir) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     index = ckpt_dir / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         if not shards:
             raise CheckpointError(f"{index}: weight_map is empty")
         for s in shards:
@@ -625,17 +575,19 @@ def read_args(ckpt_dir) -> ModelArgs:
         raise CheckpointError(f"{ckpt_dir}: checkpoint directory does not exist")
     if not path.exists():
         raise CheckpointError(f"{path}: missing (a checkpoint directory needs config.json)")
-    return ModelArgs.from_config(_read_json(path), str(path))
+    return ModelArgs.from_config(read_json(path), str(path))
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype: str | None, args: ModelArgs, device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs, device) -> torch.dtype:
     """The one rule for the frozen model's dtype, for editing and evaluation alike: float32 on a
     CPU (bf16 matrix products are several times slower there, and less exact), the checkpoint's
-    own dtype on a GPU; "auto" is the checkpoint's dtype anywhere."""
+    own dtype on a GPU; "auto" is the checkpoint's dtype anywhere. A `torch.dtype` is taken as is."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
     if dtype is None:
         dtype = "float32" if torch.device(device).type == "cpu" else "auto"
     if dtype == "auto":
@@ -679,7 +631,7 @@ def check_weights(ckpt_dir, args: ModelArgs) -> list[Path]:
     return files
 
 
-def load(ckpt_dir, device="cpu", dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
+def load(ckpt_dir, device="cpu", dtype: str | torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
     """Load a checkpoint directory: the model (eval mode, frozen) and its tokenizer, in the
     dtype `resolve_dtype` picks (float32 on a CPU unless told otherwise).
 

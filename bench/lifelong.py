@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import edit  # noqa: E402
+import preflight  # noqa: E402
 import evaluate  # noqa: E402
 import generate  # noqa: E402
 import model as model_lib  # noqa: E402
@@ -40,11 +41,11 @@ def main():
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "lifelong.json"))
     a = p.parse_args()
     model, tok = model_lib.load(a.ckpt)
-    hp = edit.Hparams(layer=edit.resolve_layer(a.layer, model.args.n_layers))
+    hp = edit.Hparams(layer=preflight.resolve_layer(a.layer, model.args.n_layers))
     edits = data.load_edits(a.edits, n=a.batches * a.batch_edits)
     batches = [edits[i * a.batch_edits:(i + 1) * a.batch_edits] for i in range(a.batches)]
     quiet = lambda s: None  # noqa: E731
-    base = {n: p.detach().clone() for n, p in edit.select_params(model, hp.layer, hp.module).items()}
+    base = {n: p.detach().clone() for n, p in model_lib.select_params(model, hp.layer, hp.module).items()}
     rows = []
     trained = base
     for k, batch in enumerate(batches, 1):  # sequential: each batch on top of the last

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import edit  # noqa: E402
+import preflight  # noqa: E402
 import model as model_lib  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def main():
     records = data.load_edits(a.edits)
     edits = [records[i % len(records)] for i in range(a.n)]
     model, tok = model_lib.load(a.ckpt)
-    hp = edit.Hparams(layer=edit.resolve_layer(a.layer, model.args.n_layers), epochs=a.epochs)
+    hp = edit.Hparams(layer=preflight.resolve_layer(a.layer, model.args.n_layers), epochs=a.epochs)
     lines = []
     t0 = time.time()
     _, log = edit.edit(model, tok, edits, hp, a.cache_device, say=lambda s: (lines.append(s), print(s, flush=True)))

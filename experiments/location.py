@@ -10,19 +10,15 @@ its own file under results/location/<ckpt>-<n>/ as soon as it is done, and a cel
 is there is not run again, so a sweep can be spread over several sessions.
 Writes results/location.{md,json,png}.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import capability  # noqa: E402
 import data  # noqa: E402
 import edit  # noqa: E402
-import evaluate  # noqa: E402
-import model as model_lib  # noqa: E402
+from experiments import common  # noqa: E402
 
 NAME = "location"
 MODULES = ["layer", "attn", "mlp", "up_proj", "down_proj"]  # the paper's five, coarse to fine
@@ -30,75 +26,41 @@ PANELS = ["reliability", "generalization", "Cap", "small", "locality_unchanged"]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--ckpt", default=str(ROOT / "weights" / "smollm2-135m"))
-    p.add_argument("--edits", required=True, help="an edit file (ZsRE in the LocFT authors' layout, ...)")
-    p.add_argument("--n", type=int, default=None, help="edits (default 100; --quick 10)")
-    p.add_argument("--seed", type=int, default=None, help="with --n: a random subset of the file")
+    p = common.parser(__doc__)
     p.add_argument("--every", type=int, default=3, help="every k-th layer, from 0")
     p.add_argument("--layers", default=None, help="comma-separated layers instead (--quick: three spread out)")
-    p.add_argument("--capability", default="all", help="capability tasks (evaluate.py --capability)")
-    p.add_argument("--limit", type=int, default=None, help="capability documents per task (default 10; --quick 3)")
-    p.add_argument("--capability-data", default=str(capability.DATA_DIR))
-    p.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
-    p.add_argument("--out", default=str(ROOT / "experiments" / "results"))
-    a = p.parse_args(argv)
-    n, limit = a.n or (10 if a.quick else 100), a.limit or (3 if a.quick else 10)
-    tasks = capability.check(a.capability, limit, a.capability_data)
-    model, tok = model_lib.load(a.ckpt)
-    N = model.args.n_layers
+    a, n, limit = common.parse(p, argv, n=(100, 10), limit=(10, 3), layer=False)
+    lab = common.load(a, limit)
+    N = lab.model.args.n_layers
     layers = [int(x) for x in a.layers.split(",")] if a.layers else \
         ([N // 6, N // 2, 5 * N // 6] if a.quick else list(range(0, N, a.every)))
     edits = data.load_edits(a.edits, n=n, seed=a.seed)
     cells_dir = Path(a.out) / NAME / f"{Path(a.ckpt).name}-{n}"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    cells, cache = {}, {}
+    cells = {}
     for layer in layers:
         for module in MODULES:
             path = cells_dir / f"L{layer}-{module}.json"
             if path.exists():  # a cell finished before: skipped, so the sweep resumes
                 cells[layer, module] = json.loads(path.read_text())
                 continue
-            print(f"== layer {layer} {module}", flush=True)
-            trained, log = edit.edit(model, tok, edits, edit.Hparams(layer=layer, module=module))
-            report = evaluate.measure(model, tok, edits, None, trained, tasks, limit, a.capability_data, cache)
-            cells[layer, module] = {"layer": layer, "module": module, **evaluate.headline(report),
-                                    "train_s": log["seconds"], "limit": limit, "tasks": tasks}
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cells[layer, module]))
-            tmp.replace(path)
+            scores, log = lab.run(f"layer {layer} {module}", edits, edit.Hparams(layer=layer, module=module))
+            cells[layer, module] = {"layer": layer, "module": module, **scores,
+                                    "train_s": log["seconds"], "limit": limit, "tasks": lab.tasks}
+            common.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(cells[layer, module])))
 
     rows = [cells[k] for k in sorted(cells)]
-    base = {k.removesuffix("_base"): v for k, v in rows[0].items() if k.endswith("_base")}
-    panels = [c for c in PANELS if c in rows[0]]
-    lines = [f"# Where to tune ({Path(a.ckpt).name}, {n} edits of {Path(a.edits).name})", "",
-             f"`python experiments/{NAME}.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-             f"LocFT-BF defaults otherwise; capability: {', '.join(tasks)} with --limit {limit} (base model: "
-             + ", ".join(f"{k} {v:.3f}" for k, v in base.items()) + ")", "",
-             "| layer | module | " + " | ".join(panels) + " | train s |", "|---" * (len(panels) + 3) + "|"]
-    lines += ["| " + " | ".join([str(r["layer"]), r["module"]] + [f"{r[c]:.3f}" for c in panels]
-                               + [f"{r['train_s']:.0f}"]) + " |" for r in rows]
-    save(Path(a.out), "\n".join(lines) + "\n", {"args": vars(a), "n": n, "limit": limit, "rows": rows},
-         plot(cells, layers, panels, base))
-    print("\n".join(lines))
-
-
-def save(out: Path, table: str, results: dict, fig):
-    """NAME.md, NAME.json and NAME.png in `out`, each written under a temporary name first."""
-    out.mkdir(parents=True, exist_ok=True)
-    for suffix, write in ((".md", lambda p: p.write_text(table)), (".json", lambda p: p.write_text(json.dumps(results, indent=1))),
-                          (".png", lambda p: fig.savefig(p, dpi=90, format="png"))):
-        tmp = out / f".{NAME}{suffix}.tmp"
-        write(tmp)
-        tmp.replace(out / f"{NAME}{suffix}")
+    base, panels = common.columns(rows, PANELS)
+    table = common.table(f"Where to tune ({common.about(a, n)})", NAME, argv, "LocFT-BF defaults otherwise", lab, rows,
+                         ["layer", "module", *panels, "train_s"])
+    common.save(a.out, NAME, table, {"args": vars(a), "n": n, "limit": limit, "rows": rows},
+                plot(cells, layers, panels, base))
+    print(table, end="")
 
 
 def plot(cells, layers, panels, base):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels) + 1, 0.25 * len(layers) + 1.8), sharey=True)
+    fig, axes = common.pyplot().subplots(1, len(panels), figsize=(2.3 * len(panels) + 1, 0.25 * len(layers) + 1.8),
+                                         sharey=True)
     for ax, c in zip(axes, panels):
         grid = [[cells[layer, m][c] for m in MODULES] for layer in layers]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")

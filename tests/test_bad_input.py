@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import edit
+import preflight
 from tiny import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,7 +187,7 @@ def test_bad_input_is_refused_in_one_line(base, tmp_path, case):
 
 
 def test_a_run_that_cannot_fit_is_refused_before_loading(base, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(edit, "free_bytes", lambda device: 10_000)  # 10 KB free
+    monkeypatch.setattr(preflight, "free_bytes", lambda device: 10_000)  # 10 KB free
     monkeypatch.setattr(edit.model_lib, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
     rc = edit.main([a.format(w=base) for a in E[:-1]] + [str(tmp_path / "out")])
     err = capsys.readouterr().err

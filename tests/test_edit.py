@@ -15,6 +15,7 @@ import data
 import delta
 import edit
 import evaluate
+import preflight
 import model as model_lib
 from tiny import make_checkpoint
 
@@ -72,8 +73,8 @@ def per_sample_ce(logits, batch):
     return torch.stack([c.mean() for c in ce.split(counts)]).mean()
 
 
-DENSE_MODULES = [m for m in edit.MODULES if not m.startswith("shared_expert")]
-MOE_MODULES = [m for m in edit.MODULES if m.startswith("shared_expert")] + ["attn", "layer"]
+DENSE_MODULES = [m for m in model_lib.MODULES if not m.startswith("shared_expert")]
+MOE_MODULES = [m for m in model_lib.MODULES if m.startswith("shared_expert")] + ["attn", "layer"]
 
 
 # qwen2: q/k/v biases + tied head; mistral: sliding window; qwen3: q/k norm; qwen2-moe: layer 1 is
@@ -91,7 +92,7 @@ def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module, packe
     # cache built in batches of 2 (other padding than the training batch), then a batch of 4
     cache = data.PrefixCache(m, encoded, tok.pad_id, L, batch_size=2)
     cache.row_tokens = row_tokens  # 12: the batch is split over several packed rows
-    params = edit.select_params(m, L, module)
+    params = model_lib.select_params(m, L, module)
     for p in params.values():
         p.requires_grad_(True)
     idx = [4, 0, 5, 2]
@@ -117,10 +118,10 @@ def test_cached_prefix_gives_same_loss_and_grad(tmp_path, variant, module, packe
 
 def test_select_params_names(ckpt):
     m, _ = model_lib.load(ckpt)
-    assert list(edit.select_params(m, 2, "down_proj")) == ["model.layers.2.mlp.down_proj.weight"]
-    assert len(edit.select_params(m, 2, "mlp")) == 3
-    assert sorted(edit.select_params(m, 0, "attn")) == [f"model.layers.0.self_attn.{x}_proj.weight" for x in "koqv"]
-    layer = edit.select_params(m, 1, "layer")
+    assert list(model_lib.select_params(m, 2, "down_proj")) == ["model.layers.2.mlp.down_proj.weight"]
+    assert len(model_lib.select_params(m, 2, "mlp")) == 3
+    assert sorted(model_lib.select_params(m, 0, "attn")) == [f"model.layers.0.self_attn.{x}_proj.weight" for x in "koqv"]
+    layer = model_lib.select_params(m, 1, "layer")
     assert "model.layers.1.input_layernorm.weight" in layer and len(layer) == 9
 
 
@@ -141,7 +142,7 @@ def test_only_selected_tensors_get_grads(ckpt):
 
     hp = edit.Hparams(layer=1, module="mlp", epochs=2, lr=1e-3)
     trained, log = edit.edit(m, tok, random_edits(8), hp, say=check)
-    want = set(edit.select_params(m, 1, "mlp"))
+    want = set(model_lib.select_params(m, 1, "mlp"))
     assert set(trained) == want and all(t.dtype == torch.float32 for t in trained.values())
     assert len(seen) == 2 and all(t == want and g <= want and g for t, g in seen)
     # edit() leaves the model as it found it: frozen, same values
@@ -210,7 +211,9 @@ def test_df_gives_each_edit_a_fresh_optimiser(ckpt):
     then_second, _ = edit.edit(m, tok, edits[1:], hp, say=lambda s: None)
     name = "model.layers.2.mlp.down_proj.weight"
     assert not torch.equal(both[name], first[name])
-    torch.testing.assert_close(both[name], then_second[name], rtol=1e-5, atol=1e-7)
+    # The prefix cache of B is computed beside A in one run and alone in the other, so the two agree
+    # to float rounding (~1e-6 here); a carried-over Adam state moves entries by ~lr = 1e-2.
+    torch.testing.assert_close(both[name], then_second[name], rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -337,16 +340,16 @@ def test_export_loads_in_transformers_and_matches(cli_run, ckpt):
 
 
 def test_layer_parsing():
-    assert edit.resolve_layer("22", 30) == 22
-    assert edit.resolve_layer("-1", 30) == 29 and edit.resolve_layer(-30, 30) == 0
-    assert edit.resolve_layer("0.25", 28) == 6  # Qwen2.5-7B layer 6 = 7th of 28
-    assert edit.resolve_layer("0.25", 80) == 19  # -> Qwen2.5-72B layer 19, the paper's example
-    assert edit.resolve_layer(edit.Hparams.layer, 30) == 22  # default depth 0.75: SmolLM2's layer 22
+    assert preflight.resolve_layer("22", 30) == 22
+    assert preflight.resolve_layer("-1", 30) == 29 and preflight.resolve_layer(-30, 30) == 0
+    assert preflight.resolve_layer("0.25", 28) == 6  # Qwen2.5-7B layer 6 = 7th of 28
+    assert preflight.resolve_layer("0.25", 80) == 19  # -> Qwen2.5-72B layer 19, the paper's example
+    assert preflight.resolve_layer(edit.Hparams.layer, 30) == 22  # default depth 0.75: SmolLM2's layer 22
     for bad in ("40", "-31", "1.0", "0.0", "abc"):
-        with pytest.raises(edit.EditError, match="--layer"):
-            edit.resolve_layer(bad, 30)
+        with pytest.raises(preflight.EditError, match="--layer"):
+            preflight.resolve_layer(bad, 30)
     with pytest.raises(edit.EditError, match=r"layers 0\.\.29 \(or -30\.\.-1, or a fraction in \(0,1\)\)"):
-        edit.resolve_layer("40", 30)
+        preflight.resolve_layer("40", 30)
 
 
 def test_cli_errors_are_one_line_and_write_nothing(ckpt, nan_ckpt, edits_file, tmp_path):
@@ -466,9 +469,9 @@ def test_moe_module_defaults_by_layer_and_refuses_what_a_layer_lacks(capsys, tmp
     make_checkpoint(ckpt, "qwen2-moe")
     capsys.readouterr()  # transformers' save progress bar
     margs = model_lib.read_args(ckpt)
-    assert edit.resolve_module(None, margs, 1) == "shared_expert.down_proj"
-    assert edit.resolve_module(None, margs, 2) == edit.Hparams.module == "down_proj"
-    assert edit.resolve_module("shared_expert", margs, 1) == "shared_expert"
+    assert preflight.resolve_module(None, margs, 1, edit.Hparams.module) == "shared_expert.down_proj"
+    assert preflight.resolve_module(None, margs, 2, edit.Hparams.module) == edit.Hparams.module == "down_proj"
+    assert preflight.resolve_module("shared_expert", margs, 1, edit.Hparams.module) == "shared_expert"
     edits = write_edits(tmp_path / "edits.jsonl", random_edits(2))
     for layer, module, has in [("1", "down_proj", "shared_expert.down_proj"), ("1", "mlp", "layer"),
                                ("2", "shared_expert.down_proj", "down_proj")]:
@@ -477,5 +480,5 @@ def test_moe_module_defaults_by_layer_and_refuses_what_a_layer_lacks(capsys, tmp
         assert rc == 2 and cap.err.count("\n") == 1 and f"--module {module}: layer {layer} has no such" in cap.err
         assert has in cap.err and not (tmp_path / "o").exists()
     m, _ = model_lib.load(ckpt)
-    assert sorted(edit.select_params(m, 1, "shared_expert")) == [
+    assert sorted(model_lib.select_params(m, 1, "shared_expert")) == [
         f"model.layers.1.mlp.shared_expert.{x}_proj.weight" for x in ("down", "gate", "up")]

@@ -63,18 +63,21 @@ def test_greedy_generation_matches_generate(tmp_path, variant):
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 def test_moe_routing_ties_and_no_token_dropping_match_transformers(tmp_path, norm_topk_prob):
-    """Router rows built so that experts tie exactly: layer 0's rows are all equal, so every token
+    """Router rows built so that experts tie exactly: layer 0's rows are all zero, so every token
     ties over all experts and all go to the same k experts (a capacity limit would drop most of
-    them); layer 1's rows are multiples of one row, 2r, r, r, -r, -r, -r, so every token has a tie
-    across the top-k boundary. Which tied expert wins is torch.topk's choice in both."""
+    them); layer 1's rows are r, 0, 0, 0, 0, 0, so every token has a tie across the top-k
+    boundary. Which tied expert wins is torch.topk's choice in both."""
     torch.manual_seed(0)
     cfg = VARIANTS["qwen2-moe"]()
     cfg.norm_topk_prob = norm_topk_prob
     hf = transformers.Qwen2MoeForCausalLM(cfg).eval()
     r = torch.randn(TINY["hidden_size"]) * 0.3
     with torch.no_grad():
-        hf.model.layers[0].mlp.gate.weight.copy_(r.expand(cfg.num_experts, -1))
-        hf.model.layers[1].mlp.gate.weight.copy_(torch.tensor([2.0, 1, 1, -1, -1, -1])[:, None] * r)
+        # zero rows give logits of exactly 0 on any CPU (identical non-zero rows can differ in the
+        # last bit, by the column a matmul kernel puts them in): layer 0 ties all experts, layer 1
+        # ties experts 1..5, so the k-th choice of every token is a tie
+        hf.model.layers[0].mlp.gate.weight.zero_()
+        hf.model.layers[1].mlp.gate.weight.copy_(torch.tensor([1.0, 0, 0, 0, 0, 0])[:, None] * r)
     hf.save_pretrained(tmp_path)
     write_tokenizer(tmp_path)
     ours, _ = M.load(tmp_path, dtype="float32")
@@ -92,8 +95,9 @@ def test_moe_routing_ties_and_no_token_dropping_match_transformers(tmp_path, nor
         ref = hf(input_ids=ids, attention_mask=mask).logits
         got = ours(ids, attention_mask=mask)
     k = cfg.num_experts_per_tok
+    assert len(probs[0]) == ids.numel() and (probs[0] == probs[0][:, :1]).all()  # all tokens, all experts tie
     chosen0 = probs[0].topk(k, dim=-1).indices
-    assert (chosen0 == chosen0[0]).all() and len(chosen0) == ids.numel()  # all tokens, the same k experts
+    assert (chosen0 == chosen0[0]).all()  # so every token goes to the same k experts
     p1 = probs[1].sort(-1, descending=True).values
     assert (p1[:, k - 1] == p1[:, k]).all()  # every token: a tie that top-k must break
     diff = (ref - got)[mask.bool()].abs().max().item()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import data
 import edit
+import preflight
 import model as model_lib
 from test_edit import random_edits, write_edits
 from tiny import make_checkpoint
@@ -108,14 +109,14 @@ def test_prefix_cache_on_disk_equals_in_memory_and_the_plan_is_exact(ckpt):
         (h1, b1), (h2, b2) = mem.batch([3, 0, 7], packed), disk.batch([3, 0, 7], packed)
         assert torch.equal(h1, h2) and torch.equal(b1.ids, b2.ids)
     hp = edit.Hparams(layer=2)
-    plan = edit.memory_plan(m.args, [len(ids) for ids, _ in encoded], hp, torch.float32, ["cpu"], None)
+    plan = preflight.memory_plan(m.args, [len(ids) for ids, _ in encoded], hp, torch.float32, ["cpu"], None)
     assert plan["prefix_cache"] == mem.h.nbytes == sum(len(ids) for ids, _ in encoded) * m.args.dim * 4
     assert plan["model"] == sum(p.nbytes for p in m.parameters())
     assert plan["trained_and_adam"] == 4 * m.get_parameter("model.layers.2.mlp.down_proj.weight").nbytes
-    assert edit.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], "disk")["need"]["disk"] == 50 * m.args.dim * 4
-    two = edit.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda:0", "cuda:1"], None)["need"]
+    assert preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], "disk")["need"]["disk"] == 50 * m.args.dim * 4
+    two = preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cuda:0", "cuda:1"], None)["need"]
     assert two["cuda:0"] + two["cuda:1"] == plan["model"] + plan["trained_and_adam"] + 50 * m.args.dim * 4 + \
-        edit.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], None)["activations"]
+        preflight.memory_plan(m.args, [10] * 5, hp, torch.float32, ["cpu"], None)["activations"]
 
 
 def test_lifelong_editing_on_top_of_a_delta_and_cumulative(ckpt, tmp_path):
