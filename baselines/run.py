@@ -31,16 +31,18 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+import checkpoint as ckpt_lib  # noqa: E402
 import data  # noqa: E402
 import delta  # noqa: E402
 import edit  # noqa: E402
 import evaluate  # noqa: E402
 import model as model_lib  # noqa: E402
+import preflight  # noqa: E402
 from baselines import alphaedit, cov, ft_l, hparams, locate, memit, ultraedit  # noqa: E402
+from preflight import EditError, say  # noqa: E402
 
 LOCATE = ("memit", "rect", "alphaedit")  # the methods that need subjects, templates and C0
 STATE = "state.safetensors"  # AlphaEdit's / UltraEdit's lifelong state, beside the delta
-say = edit.say
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,15 +80,15 @@ def edited_tensors(method: str, hp: dict) -> list[str]:
     return [f"model.layers.{l}.mlp.down_proj.weight" for l in layers]
 
 
-def preflight(args):
+def preflight_run(args):
     """Every check that needs no weights; returns what the run needs. Raises in one line."""
     for flag, v in (("--batch", args.batch), ("--n", args.n)):
         if v is not None and v <= 0:
-            raise edit.EditError(f"{flag} must be positive, got {v}")
+            raise EditError(f"{flag} must be positive, got {v}")
     if args.cov_tokens < 0:
-        raise edit.EditError(f"--cov-tokens must be 0 (all) or positive, got {args.cov_tokens}")
+        raise EditError(f"--cov-tokens must be 0 (all) or positive, got {args.cov_tokens}")
     if args.cov_text and args.method not in LOCATE:
-        raise edit.EditError(f"--cov-text: {args.method} uses no covariance (only memit, alphaedit, rect do)")
+        raise EditError(f"--cov-text: {args.method} uses no covariance (only memit, alphaedit, rect do)")
     ckpt = Path(args.ckpt)
     margs = model_lib.read_args(ckpt)
     tok = model_lib.Tokenizer(ckpt, margs)
@@ -98,31 +100,31 @@ def preflight(args):
     names = edited_tensors(args.method, hp)
     missing = [n for n in names if n not in shapes]
     if missing:
-        raise edit.EditError(f"{args.method} edits {missing[0]}, which {ckpt} does not have (a sparse MoE layer?)")
+        raise EditError(f"{args.method} edits {missing[0]}, which {ckpt} does not have (a sparse MoE layer?)")
     if args.method in LOCATE:
         docs, src = cov.read_corpus(args.cov_text)
         cov.tokenize(tok, docs, args.cov_tokens or None, margs.intermediate_size, src)  # refuses a short text now
     out = Path(args.out) if args.out else Path("out") / (f"{ckpt.resolve().name}-{Path(args.edits).stem}-{args.method}"
                                                           f"{'-eos' if args.eos else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.export = None  # edit.check_paths also checks edit.py's --export
-    edit.check_paths(args, ckpt, out)
+    args.export = None  # check_paths also checks edit.py's --export
+    preflight.check_paths(args, ckpt, out)
     model_lib.check_weights(ckpt, margs)
     parent = None
     if args.base_delta:
         parent = delta.check(args.base_delta, shapes)
         if parent.get("method") != args.method:
-            raise edit.EditError(f"--base-delta {args.base_delta}: made by {parent.get('method', 'edit.py')}, "
+            raise EditError(f"--base-delta {args.base_delta}: made by {parent.get('method', 'edit.py')}, "
                                  f"not {args.method}")
         if args.method in ("alphaedit", "ultraedit") and not (Path(args.base_delta).parent / STATE).is_file():
-            raise edit.EditError(f"--base-delta {args.base_delta}: no {STATE} beside it ({args.method}'s lifelong state)")
+            raise EditError(f"--base-delta {args.base_delta}: no {STATE} beside it ({args.method}'s lifelong state)")
     originals = delta.stored_tensors(ckpt, names)
     fingerprint = {"method": args.method, "hparams": hp, "eos": args.eos, "batch": args.batch,
                    "template_seed": args.template_seed, "cov": [args.cov_text, args.cov_tokens],
-                   "edits": hashlib.sha256(json.dumps([e.to_json() for e in edits]).encode()).hexdigest(),
+                   "edits": preflight.sha256_json([e.to_json() for e in edits]),
                    "base": {n: delta.sha256(t) for n, t in sorted(originals.items())},
                    "base_delta": hashlib.sha256(Path(args.base_delta).read_bytes()).hexdigest() if parent else None}
     if args.resume:
-        edit.check_resume(edit.partial_dir(out) / "checkpoint.pt", fingerprint)
+        preflight.check_resume(preflight.partial_dir(out) / "checkpoint.pt", fingerprint)
     return ckpt, tok, edits, reqs, hp, source, names, out, parent, fingerprint
 
 
@@ -177,24 +179,11 @@ class Method:
                 self.norms[key].load({p: state[f"{key}.{p}"] for p in ("n", "mean", "var", "std")})
 
 
-def save_checkpoint(path: Path, done: int, tensors: dict, state: dict, log: dict, fingerprint: dict):
-    """Atomically: a temporary file renamed over the last checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save({"epoch": done, "tensors": tensors, "state": state, "log": log, "fingerprint": fingerprint}, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run(args) -> Path:
-    ckpt, tok, edits, reqs, hp, source, names, out, parent, fingerprint = preflight(args)
-    partial = edit.partial_dir(out)
-    if partial.exists() and not args.resume:  # --overwrite: start over
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
+    ckpt, tok, edits, reqs, hp, source, names, out, parent, fingerprint = preflight_run(args)
+    checkpoint = ckpt_lib.start(out, fingerprint, args.resume, stop_loss=0.0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = model_lib.load(ckpt, device=device, dtype="float32")
+    model, tok = model_lib.load(ckpt, device=device, dtype=torch.float32)
     if parent is not None:  # lifelong: continue from an earlier run's weights and state
         delta.apply(model, args.base_delta)
     params = dict(model.named_parameters())
@@ -203,21 +192,19 @@ def run(args) -> Path:
            "template_seed": args.template_seed, "n_edits": len(edits), "batches": []}
     say(f"{args.method}: {len(edits)} edits in {n_batches} batches of {args.batch} into {', '.join(names)} "
         f"({source['rule']}; target{' + EOS' if args.eos else ''})")
-    t0 = time.time()
-    method = Method(args.method, model, tok, edits, reqs, hp, args, ckpt, log)
-    log["setup_seconds"] = time.time() - t0
-    if parent is not None and (Path(args.base_delta).parent / STATE).is_file():
-        method.load_state(load_file(str(Path(args.base_delta).parent / STATE)))
-    first = 0
-    checkpoint = partial / "checkpoint.pt"
-    if args.resume:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_tensors(saved["tensors"])
-        method.load_state(saved["state"])
-        log = saved["log"]
-        first = saved["epoch"]
-        say(f"resuming from {checkpoint} after batch {first}")
-    try:
+    with ckpt_lib.keep_or_clean(checkpoint):
+        t0 = time.time()
+        method = Method(args.method, model, tok, edits, reqs, hp, args, ckpt, log)
+        log["setup_seconds"] = time.time() - t0
+        if parent is not None and (Path(args.base_delta).parent / STATE).is_file():
+            method.load_state(load_file(str(Path(args.base_delta).parent / STATE)))
+        first = 0
+        if args.resume:
+            saved = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+            model.load_tensors(saved["params"])
+            method.load_state(saved["state"])
+            log, first = saved["log"], saved["epoch"]
+            say(f"resuming from {checkpoint.path} after batch {first}")
         for b in range(first, n_batches):
             tb = time.time()
             start, end = b * args.batch, min(len(edits), (b + 1) * args.batch)
@@ -227,11 +214,7 @@ def run(args) -> Path:
             done_s = sum(x["seconds"] for x in log["batches"])
             say(f"batch {b + 1}/{n_batches}: {end - start} edits in {seconds:.0f}s ({seconds / (end - start):.2f}s per edit), "
                 f"eta {edit.fmt_seconds(done_s / len(log['batches']) * (n_batches - b - 1))}")
-            save_checkpoint(checkpoint, b + 1, {n: params[n].detach().float().cpu() for n in names},
-                            method.state, log, fingerprint)
-    except KeyboardInterrupt:
-        raise edit.Interrupted(f"interrupted; --resume continues from the state in {partial}"
-                               if checkpoint.exists() else "interrupted; no half-written output is left") from None
+            checkpoint.save({"epoch": b + 1, "state": method.state}, {n: params[n] for n in names}, log)
     log["seconds"] = sum(x["seconds"] for x in log["batches"]) + log["setup_seconds"]
     log["seconds_per_edit"] = log["seconds"] / len(edits)
     meta = {"format": "pt", "method": args.method, "hparams": json.dumps(hp), "hparams_source": json.dumps(source),
@@ -252,8 +235,8 @@ def run(args) -> Path:
             f.writelines(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in edits)
         (d / "train_log.json").write_text(json.dumps(log, indent=1))
 
-    edit.atomic_dir(out, write_out, args.overwrite)
-    shutil.rmtree(partial)
+    ckpt_lib.atomic_dir(out, write_out, args.overwrite)
+    shutil.rmtree(checkpoint.path.parent)
     say(f"done: {len(edits)} edits with {args.method}, {log['seconds']:.0f}s ({log['seconds_per_edit']:.2f}s per edit) -> {out}")
     return out
 
@@ -262,10 +245,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (edit.EditError, data.EditFileError, model_lib.CheckpointError, delta.DeltaError, cov.CorpusError) as e:
+    except (EditError, data.EditFileError, model_lib.CheckpointError, delta.DeltaError, cov.CorpusError) as e:
         print(f"run.py: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except (edit.Interrupted, KeyboardInterrupt) as e:
+    except (ckpt_lib.Interrupted, KeyboardInterrupt) as e:
         print(f"run.py: {e or 'interrupted; no half-written output is left'}", file=sys.stderr, flush=True)
         return 130
     return 0
