@@ -1,6 +1,7 @@
 """The rival editors (baselines/) against the algebra of their official implementations, on a
 tiny random Llama: each test checks a property the method's own equations promise."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,12 +11,14 @@ from baselines import alphaedit, cov, hparams, locate, memit, ultraedit
 
 VSTAR = locate.VStar(v_num_grad_steps=6, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0, kl_factor=0.0625)
 TEMPLATES = [["{}"], ["w7 w8 w9. {}", "w20 w21. {}"]]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def edits(n=3):
     """Edits in the tiny tokenizer's words: subject w{a} w{a+1} inside the prompt."""
     return [data.Edit(prompt=f"w{30 + 5 * i} w{100 + i} w{101 + i} w{40 + i}", target=f"w{200 + i} w{210 + i}",
-                      subject=f"w{100 + i} w{101 + i}", record=i) for i in range(n)]
+                      subject=f"w{100 + i} w{101 + i}", rephrases=[f"w{60 + i} w{100 + i} w{101 + i}"],
+                      locality=[(f"w{150 + i} w{160 + i}", f"w{170 + i}")], record=i) for i in range(n)]
 
 
 def test_subject_token_comes_from_character_offsets(tiny):
@@ -310,3 +313,24 @@ def test_bad_input_gets_one_line_errors(tiny_run, tmp_path, capsys):
                      "--out", str(tmp_path / "o3"), "--cov-text", str(short)]) == 2
     assert "fewer than 10x the MLP width" in capsys.readouterr().err
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_vs_rivals_scores_every_cell_once_and_keeps_them(tiny_run, tmp_path, one_thread):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vs_rivals", ROOT / "experiments" / "vs_rivals.py")
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    argv = ["--ckpt", str(tiny_run / "ckpt"), "--edits", str(tiny_run / "edits.json"), "--n", "4", "--batch", "2",
+            "--methods", "locft_bf,ultraedit", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]
+    vs.main(argv)
+    name = "vs_rivals-ckpt-edits-4"
+    rows = json.loads((tmp_path / "results" / f"{name}.json").read_text())["rows"]
+    assert [(r["run"], r["EOS"]) for r in rows] == [("LocFT-BF", "yes"), ("UltraEdit", "no"), ("UltraEdit", "yes")]
+    assert all(0 <= r["reliability"] <= 1 and r["harm"] is None and r["s_per_edit"] > 0 for r in rows)
+    table = (tmp_path / "results" / f"{name}.md").read_text()
+    assert table.count("\n| ") == 4 and "rel (EM)" in table and "rel (TF)" in table
+    assert (tmp_path / "results" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    before = {p.name: p.stat().st_mtime for p in (tmp_path / "work").glob("*.json")}
+    vs.main(argv)  # every cell is done: nothing is edited or scored again
+    assert {p.name: p.stat().st_mtime for p in (tmp_path / "work").glob("*.json")} == before
