@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                     "BoolQ's Wikipedia passages")
     p.add_argument("--cov-tokens", type=int, default=100_000, help="tokens of it to use (default 100000; 0: all)")
     p.add_argument("--cov-cache", default=None, help=f"where C0 is cached (default {cov.DEFAULT_CACHE})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one hyper-parameter (a JSON value), e.g. --set v_lr=0.5 --set layers=[6,7,8]; "
+                        "recorded in the delta's metadata")
     p.add_argument("--base-delta", default=None, metavar="DELTA", help="continue from an earlier run of the same "
                                                                        "method: its delta and the state beside it")
     p.add_argument("--resume", action="store_true", help="continue the run whose state OUT.partial holds")
@@ -96,6 +99,22 @@ def preflight_run(args):
     data.check_context(tok, edits, args.edits, margs.max_position_embeddings)
     reqs = locate.requests(tok, edits, args.edits, args.eos) if args.method in LOCATE else None
     hp, source = hparams.resolve(args.method, margs.model_type, margs.n_layers)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in hp:
+            raise EditError(f"--set {item}: {args.method} has no hyper-parameter {key!r} (it has {', '.join(hp)})")
+        try:
+            new = json.loads(value)
+        except json.JSONDecodeError:
+            raise EditError(f"--set {item}: {value!r} is not a JSON value (numbers, [lists], \"strings\", null)") from None
+        old = hp[key]
+        number = (int, float)
+        fits = (isinstance(new, number) and not isinstance(new, bool)) if isinstance(old, number) or old is None \
+            else isinstance(new, type(old))
+        if not fits and not (old is None and new is None):
+            raise EditError(f"--set {item}: {key} should be like {json.dumps(old)}")
+        hp[key] = new
+        source.setdefault("overrides", {})[key] = hp[key]
     shapes = model_lib.parameter_shapes(margs)
     names = edited_tensors(args.method, hp)
     missing = [n for n in names if n not in shapes]

@@ -334,3 +334,14 @@ def test_vs_rivals_scores_every_cell_once_and_keeps_them(tiny_run, tmp_path, one
     before = {p.name: p.stat().st_mtime for p in (tmp_path / "work").glob("*.json")}
     vs.main(argv)  # every cell is done: nothing is edited or scored again
     assert {p.name: p.stat().st_mtime for p in (tmp_path / "work").glob("*.json")} == before
+
+
+def test_a_hyperparameter_override_is_checked_and_recorded(tiny_run, tmp_path, one_thread, capsys):
+    from safetensors import safe_open
+
+    assert run_cli(tiny_run, "ultraedit", tmp_path / "bad", "--set", "lr=[1]") == 2
+    assert "lr should be like 1e-06" in capsys.readouterr().err
+    assert run_cli(tiny_run, "ultraedit", tmp_path / "ok", "--set", "lr=0.001") == 0
+    with safe_open(str(tmp_path / "ok" / "delta.safetensors"), framework="pt") as sf:
+        meta = sf.metadata()
+    assert json.loads(meta["hparams"])["lr"] == 0.001 and json.loads(meta["hparams_source"])["overrides"] == {"lr": 0.001}
