@@ -345,3 +345,9 @@ def test_a_hyperparameter_override_is_checked_and_recorded(tiny_run, tmp_path, o
     with safe_open(str(tmp_path / "ok" / "delta.safetensors"), framework="pt") as sf:
         meta = sf.metadata()
     assert json.loads(meta["hparams"])["lr"] == 0.001 and json.loads(meta["hparams_source"])["overrides"] == {"lr": 0.001}
+
+
+def test_the_core_never_imports_baselines():
+    for p in ROOT.glob("*.py"):
+        lines = p.read_text().splitlines()
+        assert not any(line.lstrip().startswith(("import baselines", "from baselines")) for line in lines), p.name
