@@ -240,6 +240,8 @@ def run(args) -> Path:
             "template_seed": str(args.template_seed), "templates": json.dumps(log.get("templates")),
             "corpus_sha256": log.get("cov", {}).get("corpus_sha256", ""), "corpus_tokens": str(log.get("cov", {}).get("tokens", "")),
             "base_ckpt": str(ckpt.resolve()), "torch_version": torch.__version__, "locft_version": edit.__version__}
+    if "nullspace_rank" in log:
+        meta["nullspace_rank"] = json.dumps(log["nullspace_rank"])
     if parent is not None:
         meta.update(parent=str(Path(args.base_delta).resolve()), parent_sha256=fingerprint["base_delta"],
                     parent_n_edits=parent.get("n_edits", "?"))
