@@ -202,8 +202,6 @@ def run(args) -> Path:
     ckpt, tok, edits, reqs, hp, source, names, out, parent, fingerprint = preflight_run(args)
     checkpoint = ckpt_lib.start(out, fingerprint, args.resume, stop_loss=0.0)
     model, tok = model_lib.load(ckpt, device=args.device, dtype=torch.float32)
-    if parent is not None:  # lifelong: continue from an earlier run's weights and state
-        delta.apply(model, args.base_delta)
     params = dict(model.named_parameters())
     n_batches = -(-len(edits) // args.batch)
     log = {"method": args.method, "hparams": hp, "hparams_source": source, "eos": args.eos, "batch": args.batch,
@@ -212,10 +210,12 @@ def run(args) -> Path:
         f"({source['rule']}; target{' + EOS' if args.eos else ''})")
     with ckpt_lib.keep_or_clean(checkpoint):
         t0 = time.time()
-        method = Method(args.method, model, tok, edits, reqs, hp, args, ckpt, log)
+        method = Method(args.method, model, tok, edits, reqs, hp, args, ckpt, log)  # templates and C0: the base's
         log["setup_seconds"] = time.time() - t0
-        if parent is not None and (Path(args.base_delta).parent / STATE).is_file():
-            method.load_state(load_file(str(Path(args.base_delta).parent / STATE)))
+        if parent is not None:  # lifelong: continue from an earlier run's weights and state
+            delta.apply(model, args.base_delta)
+            if (Path(args.base_delta).parent / STATE).is_file():
+                method.load_state(load_file(str(Path(args.base_delta).parent / STATE)))
         first = 0
         if args.resume:
             saved = torch.load(checkpoint.path, map_location="cpu", weights_only=True)

@@ -351,3 +351,27 @@ def test_the_core_never_imports_baselines():
     for p in ROOT.glob("*.py"):
         lines = p.read_text().splitlines()
         assert not any(line.lstrip().startswith(("import baselines", "from baselines")) for line in lines), p.name
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "ultraedit"])
+def test_continuing_from_a_finished_run_equals_one_longer_run(tiny_run, tmp_path, method, one_thread):
+    """--base-delta carries the weights and the lifelong state (AlphaEdit's Cp, UltraEdit's
+    normaliser); templates and C0 stay the unedited model's."""
+    from safetensors.torch import load_file
+
+    records = json.loads((tiny_run / "edits.json").read_text())
+    (tmp_path / "first.json").write_text(json.dumps(records[:2]))
+    (tmp_path / "second.json").write_text(json.dumps(records[2:]))
+    cov_flags = ["--cov-text", str(tiny_run / "cov.txt"), "--cov-cache", str(tiny_run / "cache")] if method == "alphaedit" else []
+    from baselines import run
+
+    def cli(edits_file, out, *extra):
+        return run.main(["--method", method, "--ckpt", str(tiny_run / "ckpt"), "--edits", str(edits_file),
+                         "--out", str(out), "--batch", "2", *cov_flags, *extra])
+
+    assert cli(tiny_run / "edits.json", tmp_path / "whole") == 0
+    assert cli(tmp_path / "first.json", tmp_path / "a") == 0
+    assert cli(tmp_path / "second.json", tmp_path / "b", "--base-delta", str(tmp_path / "a" / "delta.safetensors")) == 0
+    for name in ("delta.safetensors", run.STATE):
+        whole, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "b" / name))
+        assert whole.keys() == b.keys() and all(torch.equal(whole[k], b[k]) for k in whole)
