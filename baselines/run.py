@@ -83,6 +83,25 @@ def edited_tensors(method: str, hp: dict) -> list[str]:
     return [f"model.layers.{l}.mlp.down_proj.weight" for l in layers]
 
 
+def override(hp: dict, source: dict, method: str, items: list[str]):
+    """--set KEY=VALUE: each value parsed as JSON and checked against the default's type."""
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in hp:
+            raise EditError(f"--set {item}: {method} has no hyper-parameter {key!r} (it has {', '.join(hp)})")
+        try:
+            new = json.loads(value)
+        except json.JSONDecodeError:
+            raise EditError(f"--set {item}: {value!r} is not a JSON value (numbers, [lists], \"strings\", null)") from None
+        old, number = hp[key], (int, float)
+        fits = (isinstance(new, number) and not isinstance(new, bool)) if isinstance(old, number) or old is None \
+            else isinstance(new, type(old))
+        if not fits and not (old is None and new is None):
+            raise EditError(f"--set {item}: {key} should be like {json.dumps(old)}")
+        hp[key] = new
+        source.setdefault("overrides", {})[key] = new
+
+
 def preflight_run(args):
     """Every check that needs no weights; returns what the run needs. Raises in one line."""
     for flag, v in (("--batch", args.batch), ("--n", args.n)):
@@ -99,22 +118,7 @@ def preflight_run(args):
     data.check_context(tok, edits, args.edits, margs.max_position_embeddings)
     reqs = locate.requests(tok, edits, args.edits, args.eos) if args.method in LOCATE else None
     hp, source = hparams.resolve(args.method, margs.model_type, margs.n_layers)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in hp:
-            raise EditError(f"--set {item}: {args.method} has no hyper-parameter {key!r} (it has {', '.join(hp)})")
-        try:
-            new = json.loads(value)
-        except json.JSONDecodeError:
-            raise EditError(f"--set {item}: {value!r} is not a JSON value (numbers, [lists], \"strings\", null)") from None
-        old = hp[key]
-        number = (int, float)
-        fits = (isinstance(new, number) and not isinstance(new, bool)) if isinstance(old, number) or old is None \
-            else isinstance(new, type(old))
-        if not fits and not (old is None and new is None):
-            raise EditError(f"--set {item}: {key} should be like {json.dumps(old)}")
-        hp[key] = new
-        source.setdefault("overrides", {})[key] = hp[key]
+    override(hp, source, args.method, args.set)
     shapes = model_lib.parameter_shapes(margs)
     names = edited_tensors(args.method, hp)
     missing = [n for n in names if n not in shapes]
@@ -133,7 +137,7 @@ def preflight_run(args):
         parent = delta.check(args.base_delta, shapes)
         if parent.get("method") != args.method:
             raise EditError(f"--base-delta {args.base_delta}: made by {parent.get('method', 'edit.py')}, "
-                                 f"not {args.method}")
+                            f"not {args.method}")
         if args.method in ("alphaedit", "ultraedit") and not (Path(args.base_delta).parent / STATE).is_file():
             raise EditError(f"--base-delta {args.base_delta}: no {STATE} beside it ({args.method}'s lifelong state)")
     originals = delta.stored_tensors(ckpt, names)
