@@ -17,7 +17,6 @@ Writes results/budget/TAG.{md,json,png} (TAG from the model, the edits, n and th
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -157,7 +157,7 @@ def write(a, argv, rows):
            "peak_rss_gb": "{:.1f}", "perplexity": "{:.2f}", "kl_per_token": "{:.4f}"}
     cell_ = lambda k, v: str(v) if isinstance(v, (int, str)) else fmt.get(k, "{:.3f}").format(v)  # noqa: E731
     paper = PAPER["edits"] / PAPER["params"]
-    lines = [f"# Capacity of one tensor", "", f"`python experiments/{NAME}.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+    lines = ["# Capacity of one tensor", "", f"`python experiments/{NAME}.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
              "", f"edit.py's defaults, nothing else (SmolLM2-135M: layer 22 `down_proj`, 576x1536; Qwen2.5-Coder-0.5B: layer 17 "
              f"`down_proj`, 896x4864). The paper's largest run: 100K edits in one 3584x18944 `down_proj` of Qwen2.5-7B, "
              f"{paper:.2e} edits per trained parameter. Up to 2,000: ZsRE; 3,000: 2,000 ZsRE + 1,000 WikiBigEdit; "
