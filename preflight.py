@@ -122,7 +122,7 @@ def parse_args(argv, H) -> argparse.Namespace:
                         f"{model_lib.MOE_MODULE})")
     p.add_argument("--lr", type=float, default=H.lr, help=f"learning rate (default {H.lr:g})")
     p.add_argument("--batch-size", type=int, default=H.batch_size,
-                   help="mini-batch size (default min(100, ceil(n/10)): at least ~10 steps per epoch)")
+                   help="mini-batch size (default min(32, ceil(n/10)): ~10 steps per epoch or more)")
     p.add_argument("--epochs", type=int, default=H.epochs, help=f"at most (default {H.epochs}); see --patience")
     p.add_argument("--patience", type=int, default=H.patience, metavar="P",
                    help=f"stop when P epochs learn no new edit and cut the loss by less than --min-gain "
