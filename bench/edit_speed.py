@@ -159,6 +159,9 @@ class IdTokenizer:
     def encode(self, text, add_special_tokens=True):
         return [int(t) for t in text.split()]
 
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
 
 def run_synthetic(a) -> dict:
     """A random Qwen2.5-shaped model (bf16 on CUDA), synthetic edits of ZsRE-like length."""

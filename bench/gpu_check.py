@@ -258,7 +258,7 @@ def check_syncs(c):
     debug mode on a GPU, by bench/syncs.py on a CPU."""
     m, tok = model_lib.load(c.ckpt, device=c.dev)
     hp = edit.Hparams(layer=c.layer)
-    _, cache, _ = edit.prepare(m, tok, random_edits(20, c.vocab, seed=7), hp)
+    _, cache, _, _ = edit.prepare(m, tok, random_edits(20, c.vocab, seed=7), hp)
     with edit.trainable_copies(m, model_lib.select_params(m, c.layer, hp.module)):
         edit.batch_loss(m, cache, list(range(10)), hp).backward()  # warm-up
         if c.dev == "cuda":

@@ -62,7 +62,7 @@ def one_run(a) -> dict:
     time.time = wall
     steps = sum(e["steps"] + e["skipped"] for e in log["epochs"])
     seconds = sum(e["seconds"] for e in log["epochs"])
-    _, cache, reg = edit.prepare(model, tok, edits, hp)
+    _, cache, reg, _ = edit.prepare(model, tok, edits, hp)
     params = model_lib.select_params(model, hp.layer, hp.module)
     for p in params.values():
         p.requires_grad_(True)

@@ -322,12 +322,13 @@ def test_vs_rivals_scores_every_cell_once_and_keeps_them(tiny_run, tmp_path, one
     vs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vs)
     argv = ["--ckpt", str(tiny_run / "ckpt"), "--edits", str(tiny_run / "edits.json"), "--n", "4", "--batch", "2",
-            "--methods", "locft_bf,ultraedit", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]
+            "--methods", "locft_bf,ultraedit", "--harm", "none", "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "results")]
     vs.main(argv)
     name = "vs_rivals-ckpt-edits-4"
     rows = json.loads((tmp_path / "results" / f"{name}.json").read_text())["rows"]
     assert [(r["run"], r["EOS"]) for r in rows] == [("LocFT-BF", "yes"), ("UltraEdit", "no"), ("UltraEdit", "yes")]
-    assert all(0 <= r["reliability"] <= 1 and r["harm"] is None and r["s_per_edit"] > 0 for r in rows)
+    assert all(0 <= r["reliability"] <= 1 and r["harm"] is None is r["kl_per_token"] and r["s_per_edit"] > 0 for r in rows)
     table = (tmp_path / "results" / f"{name}.md").read_text()
     assert table.count("\n| ") == 4 and "rel (EM)" in table and "rel (TF)" in table
     assert (tmp_path / "results" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -128,7 +128,7 @@ def test_a_training_step_waits_for_the_device_once(tmp_path, variant, waits):
     make_checkpoint(tmp_path, variant)
     m, tok = model_lib.load(tmp_path)
     hp = edit.Hparams(layer=1, module="shared_expert.down_proj" if "moe" in variant else "down_proj")
-    _, cache, _ = edit.prepare(m, tok, random_edits(6, seed=2), hp)
+    _, cache, _, _ = edit.prepare(m, tok, random_edits(6, seed=2), hp)
     for p in model_lib.select_params(m, 1, hp.module).values():
         p.requires_grad_(True)
     with HostSyncs() as syncs:  # layer 1 is the only sparse layer at or after L in qwen2-moe
@@ -242,7 +242,7 @@ def test_token_loss_average_is_the_mean_over_every_target_token(ckpt):
                                rtol=1e-5, atol=0)
     torch.testing.assert_close(edit.batch_loss(m, cache, idx, edit.Hparams(layer=1)), by_sample, rtol=1e-5, atol=0)
     hp = edit.Hparams(layer=1, loss_avg="token", local_kl=1.0)  # FT++: the answer's term, averaged the same way
-    _, ftpp_cache, reg = edit.prepare(m, tok, edits, hp, say=lambda s: None)
+    _, ftpp_cache, reg, _ = edit.prepare(m, tok, edits, hp, say=lambda s: None)
     h, batch = ftpp_cache.batch(idx, packed=False)
     reg.loss(m, idx, h, batch, "token")
     assert reg.epoch_parts()["edit"] == pytest.approx(by_token.item(), rel=1e-5)
