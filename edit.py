@@ -15,9 +15,9 @@ The method ("Fine-tuning Done Right in Model Editing"), in the order `locft_bf` 
 5. the end: which edits are learnt, read off one teacher-forced pass (learnt.py).
 `depth_first` is the pipeline the paper argues against (one edit at a time, each to
 convergence), written the same way so the two can be compared. FT++'s regularisers (ftpp.py)
-and the retain term (retain.py) each enter the loss in one line of `batch_loss`. Around the method, and kept out of it: every check
-before a weight is read (preflight.py), crash-safe state and atomic outputs (checkpoint.py),
-torchrun (distributed.py).
+and the retain term (retain.py) each enter the loss in one line of `batch_loss`. Around the
+method, and kept out of it: every check before a weight is read (preflight.py), crash-safe
+state and atomic outputs (checkpoint.py), torchrun (distributed.py).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ class Hparams:
 
 def auto_batch_size(n: int) -> int:
     """Edits need optimiser steps, not only epochs: >= ~10 steps per epoch, and at most 32 edits
-    per step (docs/budget.md: 1,000 edits learn about 3x as fast per epoch in batches of 32 as of 100)."""
+    per step (docs/budget.md: after 10 epochs of 1,000 edits, 361 are learnt in batches of 32, 79 in batches of 100)."""
     return min(32, max(1, math.ceil(n / 10)))
 
 
