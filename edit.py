@@ -188,7 +188,7 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
             log["stop"] = budget.stop(log["epochs"], hp, STOP_LOSS)  # None: train on
             eta = (time.time() - t0) / (epoch - first + 1) * (hp.epochs - epoch)
             say(f"epoch {epoch}/{hp.epochs}: loss {mean:.4f}, learnt {sum(hits)}/{n}, steps {steps} (skipped "
-                f"{skipped}), {time.time() - te:.1f}s, eta {fmt_seconds(eta)}" + (f"; {log['stop']}" if log["stop"] else ""))
+                f"{skipped}), {time.time() - te:.1f}s, at most {fmt_seconds(eta)} left" + (f"; {log['stop']}" if log["stop"] else ""))
             if checkpoint:  # crash-safe: a killed run loses at most the epoch it was in
                 checkpoint.save({"epoch": epoch, "opt": opt.state_dict(), "shuffle": shuffle.get_state()}, params, log)
             if log["stop"]:
