@@ -62,8 +62,9 @@ def one_run(a) -> dict:
     time.time = wall
     steps = sum(e["steps"] + e["skipped"] for e in log["epochs"])
     seconds = sum(e["seconds"] for e in log["epochs"])
-    _, cache, reg, _ = edit.prepare(model, tok, edits, hp)
-    params = model_lib.select_params(model, hp.layer, hp.module)
+    _, cache, reg = edit.prepare(model, tok, edits, hp)[:3]  # (a retain pool follows in newer versions)
+    select = getattr(model_lib, "select_params", None) or edit.select_params  # edit.py's before the restructure
+    params = select(model, hp.layer, hp.module)
     for p in params.values():
         p.requires_grad_(True)
     with HostSyncs() as syncs:
