@@ -203,3 +203,16 @@ def test_local_kl_on_a_zsre_prompt_predicts_the_relation_token_not_the_question_
     n_prompt = encoded[1][1]
     assert reg.local_pos[1] == n_prompt - 2 and tok.decode([encoded[1][0][n_prompt - 1]]) == "?"  # the fallback
     assert reg.stats["local_kl_fallback_to_last_token"] == 1 and "1 of 2 prompts" in said[0]
+
+
+def test_general_text_is_fingerprinted_by_its_content(tmp_path):
+    """--resume of an FT++ run survives a moved checkout: the general text counts by content."""
+    import preflight
+
+    a, b, c = tmp_path / "a.txt", tmp_path / "moved" / "a.txt", tmp_path / "c.txt"
+    b.parent.mkdir()
+    a.write_text("one sentence.\n")
+    b.write_text("one sentence.\n")
+    c.write_text("another sentence.\n")
+    fp = {p: preflight.hparams_fingerprint(edit.Hparams(layer=LAYER, general_kl=1.0, general_text=str(p))) for p in (a, b, c)}
+    assert fp[a] == fp[b] and fp[a] != fp[c]
