@@ -116,10 +116,11 @@ def hf_split(name: str):
     return convert
 
 
-def arc(name: str):
+def arc(name: str, field: str = "question"):
     """The test split exists only as request documents: "Question: {q}\\nAnswer:", the choice
     texts and the gold index. lm-eval needs just these (its target is the index of answerKey
-    among the labels), so labels are written as A, B, C, ... in order."""
+    among the labels), so labels are written as A, B, C, ... in order. The question goes under
+    `field` (OpenBookQA calls it "question_stem")."""
     def convert(root: Path) -> list[dict]:
         docs = []
         for d in read_docs(root / SOURCES[name][0]):
@@ -127,7 +128,7 @@ def arc(name: str):
             if not (q.startswith("Question: ") and q.endswith("\nAnswer:")):
                 raise ConvertError(f"{SOURCES[name][0]}: unexpected query {q[:60]!r}")
             labels = [chr(ord("A") + i) for i in range(len(d["choices"]))]
-            docs.append({"id": d["id"], "question": q[len("Question: "):-len("\nAnswer:")],
+            docs.append({"id": d["id"], field: q[len("Question: "):-len("\nAnswer:")],
                          "choices": {"text": d["choices"], "label": labels}, "answerKey": labels[d["gold"]]})
         return docs
     return convert
@@ -151,18 +152,7 @@ def lambada(root: Path) -> list[dict]:
     return [{"text": d["query"] + " " + d["answers_text"][0]} for d in read_docs(root / SOURCES["lambada"][0])]
 
 
-def openbookqa(root: Path) -> list[dict]:
-    """The test split as request documents: "Question: {question_stem}\nAnswer:", the choice
-    texts and the gold index; labels written A, B, C, D as for ARC."""
-    docs = []
-    for d in read_docs(root / SOURCES["openbookqa"][0]):
-        q = d["query"]
-        if not (q.startswith("Question: ") and q.endswith("\nAnswer:")):
-            raise ConvertError(f"{SOURCES['openbookqa'][0]}: unexpected query {q[:60]!r}")
-        labels = [chr(ord("A") + i) for i in range(len(d["choices"]))]
-        docs.append({"id": d["id"], "question_stem": q[len("Question: "):-len("\nAnswer:")],
-                     "choices": {"text": d["choices"], "label": labels}, "answerKey": labels[d["gold"]]})
-    return docs
+openbookqa = arc("openbookqa", "question_stem")  # the same request documents as ARC's
 
 
 def gsm8k(root: Path) -> list[dict]:
