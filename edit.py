@@ -161,14 +161,15 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
         first = checkpoint.restore(params, opt, shuffle, log, say) + 1 if checkpoint and checkpoint.path.exists() else 1
         stepped = None  # where the last optimiser step was taken
         for epoch in range(first, hp.epochs + 1):  # step 4
-            te, total, steps, skipped, hits = time.time(), 0.0, 0, 0, []
+            te, total, steps, skipped, hits = time.time(), 0.0, 0, 0, 0
             order = torch.randperm(n, generator=shuffle).tolist()  # the whole set, reshuffled
             for s in range(0, n, bs):
                 idx, where = order[s:s + bs], f"epoch {epoch}, step {s // bs + 1}"  # a mini-batch
-                loss = batch_loss(model, cache, idx, hp, reg, hits, keep)  # with torchrun: this process's share of it
-                both = all_reduce(torch.stack([loss.detach().float(), hits.pop().float().to(loss.device)]))
-                value, hits_b = both.tolist()  # the mini-batch's loss and sequences already learnt, in every process
-                hits.append(int(hits_b))  # (teacher-forced, before this step: learnt.py)
+                learnt = []  # batch_loss puts the share's sequences already learnt here (learnt.py)
+                loss = batch_loss(model, cache, idx, hp, reg, learnt, keep)  # with torchrun: this process's share
+                both = all_reduce(torch.stack([loss.detach().float(), learnt[0].float().to(loss.device)]))
+                value, learnt_b = both.tolist()  # the mini-batch's loss and learnt count, the same in every process
+                hits += int(learnt_b)
                 check_finite(value, where, params, stepped, model, hp)
                 total += value * len(idx)  # the epoch's mean weighs each batch by its size
                 if value < STOP_LOSS:  # already learnt: no step
@@ -182,12 +183,12 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
                 steps, stepped = steps + 1, where
             check_finite(0.0, f"the end of epoch {epoch}", params, stepped, model, hp, tensors=True)  # its last step
             mean = total / n
-            log["epochs"].append({"epoch": epoch, "mean_loss": mean, "learnt": sum(hits), "steps": steps,
+            log["epochs"].append({"epoch": epoch, "mean_loss": mean, "learnt": hits, "steps": steps,
                                   "skipped": skipped, "seconds": time.time() - te, **(reg.epoch_parts() if reg else {}),
                                   **(keep.epoch_parts() if keep else {})})
             log["stop"] = budget.stop(log["epochs"], hp, STOP_LOSS)  # None: train on
             eta = (time.time() - t0) / (epoch - first + 1) * (hp.epochs - epoch)
-            say(f"epoch {epoch}/{hp.epochs}: loss {mean:.4f}, learnt {sum(hits)}/{n}, steps {steps} (skipped "
+            say(f"epoch {epoch}/{hp.epochs}: loss {mean:.4f}, learnt {hits}/{n}, steps {steps} (skipped "
                 f"{skipped}), {time.time() - te:.1f}s, at most {fmt_seconds(eta)} left" + (f"; {log['stop']}" if log["stop"] else ""))
             if checkpoint:  # crash-safe: a killed run loses at most the epoch it was in
                 checkpoint.save({"epoch": epoch, "opt": opt.state_dict(), "shuffle": shuffle.get_state()}, params, log)
