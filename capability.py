@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from data import collate
 from generate import common_prefix, greedy, left_pad
+from replay import Replay, first_layer
 
 LM_EVAL = "0.4.13"  # the lm-evaluation-harness release whose task configs these follow
 DATA_DIR = Path(__file__).resolve().parent / "data" / "capability"
@@ -607,13 +608,14 @@ def verdict(ci: list[float]) -> str:
 
 @torch.inference_mode()
 def drift(model, tok, windows: list[list[int]], base: dict | None, edited: dict | None,
-          tokens_per_batch: int = 512) -> dict[str, np.ndarray]:
+          tokens_per_batch: int = 512, layer: int = 0) -> dict[str, np.ndarray]:
     """Per window of token ids, read as its own sequence (every token after the first predicted):
     how many tokens were predicted, their summed negative log-likelihood under `base` (and
     `edited`), and the summed KL(base || edited) of the next-token distributions. Only the
     tensors in `base` / `edited` are swapped, batch by batch, so one model and one batch of
     logits are in memory; the model is left holding `edited` (else `base`). Identical weights
-    give a KL of exactly 0: both passes then compute the same numbers."""
+    give a KL of exactly 0: both passes then compute the same numbers. When the two differ only
+    from `layer` up, the hidden states entering it are computed once per batch for both."""
     dev = model.device
     n = len(windows)
     out = {"tokens": np.zeros(n), "nll_base": np.zeros(n)}
@@ -635,12 +637,13 @@ def drift(model, tok, windows: list[list[int]], base: dict | None, edited: dict 
             return torch.zeros(len(idx), dtype=torch.float64).index_add_(0, row, x.double().cpu()).numpy()
 
         logp = {}
+        h = model.hidden_states(b.ids, layer, attention_mask=b.attention_mask)  # either weight set's
         for label, weights in (("base", base), ("edited", edited)):
             if label == "edited" and edited is None:
                 break
             if weights:
                 model.load_tensors(weights)
-            logits = model(b.ids, attention_mask=b.attention_mask, logits_at=b.predict_mask)
+            logits = model.forward_from(h, layer, attention_mask=b.attention_mask, logits_at=b.predict_mask)
             logp[label] = F.log_softmax(logits.float(), -1)  # (N, V)
             nll = -logp[label].gather(1, labels[:, None].to(logits.device))[:, 0]
             out[f"nll_{label}"][idx] = per_window(nll)
@@ -708,13 +711,15 @@ def flips_for(sizes: list[int], target: float = 0.015) -> float:
 
 def before_after(model, tok, names: list[str], base: dict | None, edited: dict | None, limit: int | None = None,
                  batch_size: int = 32, gen_batch_size: int = 16, data_dir: Path = DATA_DIR, say=print,
-                 seed: int = 0, base_cache: dict | None = None) -> dict:
+                 seed: int = 0, base_cache: dict | None = None, replay: bool = True) -> dict:
     """Every task on the base weights, then on the edited ones, one model in memory (as
     evaluate.before_after: `base`/`edited` map parameter names to tensors; `base=None` means
     the current weights are the base; `edited=None`: base only); then each held-out text (TEXTS)
     with both weight sets batch by batch (`drift`). The model is left holding `edited` when
     given. `base_cache`, a dict kept by the caller, keeps the base model's task results between
-    calls that score the same documents (several edits of one model, as in experiments/)."""
+    calls that score the same documents (several edits of one model, as in experiments/), and the
+    hidden states the edited passes start from. `replay=False` runs every pass through the whole
+    model (the same scores, slower)."""
     docs = {}
     for entry in names:  # "task:N" entries: the report is keyed by the task
         docs[split_entry(entry)[0]] = load_docs(entry, limit, data_dir)
@@ -722,6 +727,10 @@ def before_after(model, tok, names: list[str], base: dict | None, edited: dict |
     if base is None and edited is not None:
         params = dict(model.named_parameters())
         base = {n: params[n].detach().clone() for n in edited}
+    # the edit begins at layer L: the edited pass of a log-likelihood task starts there from the
+    # hidden states its base pass kept (replay.py); the same scores, fewer layers run
+    L = first_layer(edited, model.args.n_layers) if edited is not None and replay else 0
+    kept = {} if base_cache is None else base_cache
     runs, seconds = {}, defaultdict(dict)
     for label, weights in (("base", base), ("edited", edited)):
         if label == "edited" and edited is None:
@@ -731,10 +740,15 @@ def before_after(model, tok, names: list[str], base: dict | None, edited: dict |
         runs[label] = {}
         for n in scored:  # wall seconds, and CPU seconds (the cost on a machine shared with other jobs)
             t0, c0, key = time.time(), time.process_time(), (n, len(docs[n]))
-            if label == "base" and base_cache is not None and key in base_cache:
+            fast = L > 0 and TASKS[n].score is None  # generation feeds its own outputs back: never replayed
+            if label == "base" and base_cache is not None and key in base_cache and (not fast or (*key, L) in kept):
                 runs[label][n] = base_cache[key]
+            elif label == "base" and fast:
+                kept[(*key, L)] = Replay(model, L).record()
+                runs[label][n] = run(kept[(*key, L)], tok, TASKS[n], docs[n], batch_size, gen_batch_size)
             else:
-                runs[label][n] = run(model, tok, TASKS[n], docs[n], batch_size, gen_batch_size)
+                runs[label][n] = run(kept[(*key, L)].replay() if fast else model, tok, TASKS[n], docs[n],
+                                     batch_size, gen_batch_size)
             if label == "base" and base_cache is not None:
                 base_cache[key] = runs[label][n]
             seconds[n][label] = round(time.time() - t0, 2)
@@ -764,7 +778,7 @@ def before_after(model, tok, names: list[str], base: dict | None, edited: dict |
         t0, c0 = time.time(), time.process_time()
         windows = text_windows(tok, [d["text"] for d in docs[n]])
         tasks[n] = {"kind": "text", "data": TEXTS[n].about, "n": len(windows), "primary": "kl_per_token",
-                    **drift_row(drift(model, tok, windows, base, edited), rng)}
+                    **drift_row(drift(model, tok, windows, base, edited, layer=L), rng)}
         both = "base and edited" if edited is not None else "base"
         tasks[n]["seconds"] = {both: round(time.time() - t0, 2), f"{both}_cpu": round(time.process_time() - c0, 2)}
         m = tasks[n]["metrics"]

@@ -13,6 +13,12 @@ lm-eval's, so that both meet the same load on a shared machine:
   configuration with only the data source pointed at the same documents
   (`lm_eval_adapter.local_tasks`; nothing is downloaded).
 
+With `--delta DIR/delta.safetensors` (written by edit.py) both sides measure what a harm figure
+costs, the base model and the edited one on each task: lm-eval evaluates twice (the delta's tensors
+copied into its model in between); capability.py keeps the hidden states entering the edited
+layer in the base pass and starts the edited pass there (replay.py), as `capability.before_after`
+does; generation tasks run the whole model both times. Items are compared for both weight sets.
+
 Seconds are scoring alone: loading the models and lm-eval's task set-up are left out. An item
 differs when any of its task's metrics (acc, acc_norm, exact match per filter) differs between
 the two; the largest log-likelihood difference is shown too (two implementations of the same
@@ -30,8 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import capability as C  # noqa: E402
+import delta as D  # noqa: E402
 from lm_eval_adapter import evaluate_local, local_tasks  # noqa: E402
 from model import load  # noqa: E402
+from replay import Replay, first_layer  # noqa: E402
 
 
 def lm_eval_docs(name: str, docs: list[dict]) -> dict[str, list[dict]]:
@@ -72,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data", default=str(C.DATA_DIR))
+    ap.add_argument("--delta", help="score the base model and this edit of it (the cost of a harm figure)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,26 +96,51 @@ def main(argv=None) -> int:
     tm = TaskManager()
     print(f"{args.ckpt}: torch {torch.__version__}, {torch.get_num_threads()} threads, lm-eval {lm_eval.__version__}, "
           f"batch {args.batch_size}", flush=True)
+    edited = D.tensors(args.delta) if args.delta else None
+    if edited:
+        D.check(args.delta, {n: tuple(p.shape) for n, p in model.named_parameters()})
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if n in edited}
+        L = first_layer(edited, model.args.n_layers)
+        hf_params = dict(hf.model.named_parameters())
+        print(f"base and edited ({args.delta}): the edit begins at layer {L} of {model.args.n_layers}", flush=True)
     total = {"ours": 0.0, "lm-eval": 0.0}
     n_differ = n_items = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             task = C.TASKS[name]
-            t0 = time.perf_counter()
-            ours = C.run(model, tok, task, docs[name], args.batch_size)
-            t_ours = time.perf_counter() - t0
             groups = lm_eval_docs(name, docs[name])
             index = {id(d): i for i, d in enumerate(docs[name])}  # lm-eval's (task, doc_id) -> our index
             order = {t: [index[id(d)] for d in ds] for t, ds in groups.items()}
             loaded = local_tasks(tm, groups, tmp)
             t0 = time.perf_counter()
-            out = evaluate_local(hf, loaded)
+            if edited is None:
+                ours = [C.run(model, tok, task, docs[name], args.batch_size)]
+            else:
+                fast = Replay(model, L).record() if task.score is None else model
+                ours = [C.run(fast, tok, task, docs[name], args.batch_size)]
+                model.load_tensors(edited)
+                ours.append(C.run(fast.replay() if task.score is None else model, tok, task, docs[name],
+                                  args.batch_size))
+                model.load_tensors(base)
+            t_ours = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outs = [evaluate_local(hf, loaded)]
+            if edited is not None:
+                with torch.no_grad():
+                    for n, t in edited.items():
+                        hf_params[n].copy_(t)
+                    outs.append(evaluate_local(hf, loaded))
+                    for n, t in base.items():
+                        hf_params[n].copy_(t)
             t_lm = time.perf_counter() - t0
-            differ, worst = compare(task, docs[name], ours, {t: s for t, (_, s) in out.items()}, order)
+            differ, worst = 0, 0.0
+            for o, out in zip(ours, outs):
+                d, w = compare(task, docs[name], o, {t: s for t, (_, s) in out.items()}, order)
+                differ, worst = differ + d, max(worst, w)
             total["ours"] += t_ours
             total["lm-eval"] += t_lm
             n_differ += differ
-            n_items += len(docs[name])
+            n_items += len(docs[name]) * len(ours)
             print(f"{name:<12} n={len(docs[name]):<5} capability.py {t_ours:7.1f} s   lm-eval {t_lm:7.1f} s   "
                   f"{t_lm / t_ours:5.2f}x   items that differ {differ}   max |d loglik| {worst:.1e}", flush=True)
     print(f"{n_items} items in all")
