@@ -9,6 +9,10 @@ Each run is two commands, the ones a user would type, run one after the other:
     python evaluate.py --ckpt CKPT --delta OUT/RUN/delta.safetensors --edits FILE --n N \\
         --capability harm --out OUT/RUN-harm.json
 
+With `--reuse DIR` (experiments/budget.py's --work), a run whose edits and settings a budget.py
+run has trained to the defaults' stop takes that run's tensor of that epoch as its delta instead
+of training again (the same tensor: stopping is truncation).
+
 Resumable: a step whose output exists is skipped (an interrupted edit continues with --resume),
 so the script can be killed and started again; runs go smallest first. The table is written
 from whatever reports exist, to results/harm.{md,json}.
@@ -23,7 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.common import write_atomic  # noqa: E402
+import delta  # noqa: E402
+import edit  # noqa: E402
+from experiments.capacity import from_budget  # noqa: E402
+from experiments.common import edit_set, write_atomic  # noqa: E402
 
 MODELS = {"smol": ("SmolLM2-135M", ROOT / "weights" / "smollm2-135m", 22),
           "qwen": ("Qwen2.5-Coder-0.5B", ROOT / "weights" / "qwen2.5-coder-0.5b", 17)}
@@ -43,6 +50,28 @@ def commands(run: str, edits: str, out: Path) -> list[tuple[Path, list[str]]]:
     evaluate = [sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--delta", str(d / "delta.safetensors"),
                 "--edits", edits, "--n", n, "--capability", "harm", "--out", str(out / f"{run}-harm.json")]
     return [(d / "delta.safetensors", edit), (out / f"{run}-harm.json", evaluate)]
+
+
+def reuse(run: str, edits: str, out: Path, budget_work: Path) -> bool:
+    """Write what edit.py would have written for `run` (its delta and log) from a budget.py run
+    of the same edits and settings; False if there is none."""
+    model, n = run.split("-")
+    _, ckpt, layer = MODELS[model]
+    hp, chosen = edit.Hparams(layer=layer), edit_set(edits, int(n))
+    found = next(filter(None, (from_budget(r, chosen, hp) for r in sorted(budget_work.glob(f"{ckpt.name}-*-{n}-*")))),
+                 None)
+    if found is None:
+        return False
+    trained, log = found
+    d = out / run
+    tmp = out / f"{run}.reused"
+    tmp.mkdir(parents=True, exist_ok=True)
+    delta.save(tmp / "delta.safetensors", ckpt, trained, {"format": "pt", "layer": str(layer), "n_edits": n,
+                                                          "reused": log["reused"]})
+    tmp.joinpath("train_log.json").write_text(json.dumps(log, indent=1))
+    tmp.rename(d)
+    print(f"== {run} edit: the tensor of epoch {log['epochs_run']} of {log['reused']}", flush=True)
+    return True
 
 
 def row(run: str, report: dict, seconds: dict) -> dict:
@@ -112,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     p.add_argument("--work", default=str(ROOT / "out" / "harm"), help="where deltas and reports go")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    p.add_argument("--reuse", metavar="DIR", help="budget.py's --work: take a run's tensor from there if it has one")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -119,7 +149,7 @@ def main(argv=None) -> int:
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     for run in a.runs.split(","):
         for (done, cmd), step in zip(commands(run, a.edits, work), ("edit", "evaluate")):
-            if done.exists():
+            if done.exists() or step == "edit" and a.reuse and reuse(run, a.edits, work, Path(a.reuse)):
                 continue
             print(f"== {run} {step}: {' '.join(cmd)}", flush=True)
             t0 = time.time()
