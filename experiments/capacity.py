@@ -53,10 +53,12 @@ def from_budget(run: Path, edits, hp) -> tuple[dict, dict] | None:
         return None
     log = json.loads(done.read_text()) if done.exists() else \
         torch.load(ckpt, weights_only=True)["log"] if ckpt.exists() else None
-    if log is None:
+    if log is None or "hparams" not in log:  # a run still training: its settings are in its log only at the end
         return None
-    same = {**log["hparams"], "epochs": hp.epochs, "patience": hp.patience, "min_gain": hp.min_gain}
-    if same != {**vars(hp), "batch_size": log["batch_size"]}:
+    # the budget run trains past the stop rules (read off its log here); FT++'s text is unused at weight 0
+    same = {**log["hparams"], "epochs": hp.epochs, "patience": hp.patience, "min_gain": hp.min_gain,
+            "general_text": hp.general_text}
+    if same != {**vars(hp), "batch_size": log["batch_size"]} or hp.general_kl:
         return None
     epochs = log["epochs"]
     stop = next((i + 1 for i in range(len(epochs)) if budget.stop(epochs[:i + 1], hp, edit.STOP_LOSS)), None)
