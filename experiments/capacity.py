@@ -56,7 +56,8 @@ def from_budget(run: Path, edits, hp) -> tuple[dict, dict] | None:
     if log is None or "hparams" not in log:  # a run still training: its settings are in its log only at the end
         return None
     # the budget run trains past the stop rules (read off its log here); FT++'s text is unused at weight 0
-    same = {**log["hparams"], "epochs": hp.epochs, "patience": hp.patience, "min_gain": hp.min_gain,
+    # (an option newer than the log was not there: the run had it at its default, off)
+    same = {**vars(hp), **log["hparams"], "epochs": hp.epochs, "patience": hp.patience, "min_gain": hp.min_gain,
             "general_text": hp.general_text}
     if same != {**vars(hp), "batch_size": log["batch_size"]} or hp.general_kl:
         return None
