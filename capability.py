@@ -28,6 +28,7 @@ default models, see docs/capability.md), `all`. Data: `data/capability/<task>.js
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -709,6 +710,11 @@ def flips_for(sizes: list[int], target: float = 0.015) -> float:
     return float((target / Z95) ** 2 * len(sizes) ** 2 / sum(1 / n for n in sizes))
 
 
+def digest(x) -> str:
+    """A short name for what a task's base results depend on (its documents, the batch sizes)."""
+    return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def before_after(model, tok, names: list[str], base: dict | None, edited: dict | None, limit: int | None = None,
                  batch_size: int = 32, gen_batch_size: int = 16, data_dir: Path = DATA_DIR, say=print,
                  seed: int = 0, base_cache: dict | None = None, replay: bool = True) -> dict:
@@ -718,7 +724,7 @@ def before_after(model, tok, names: list[str], base: dict | None, edited: dict |
     with both weight sets batch by batch (`drift`). The model is left holding `edited` when
     given. `base_cache`, a dict kept by the caller, keeps the base model's task results between
     calls that score the same documents (several edits of one model, as in experiments/), and the
-    hidden states the edited passes start from. `replay=False` runs every pass through the whole
+    hidden states the edited passes start from; a `basecache.BaseCache` keeps them on disk too. `replay=False` runs every pass through the whole
     model (the same scores, slower)."""
     docs = {}
     for entry in names:  # "task:N" entries: the report is keyed by the task
@@ -739,13 +745,14 @@ def before_after(model, tok, names: list[str], base: dict | None, edited: dict |
             model.load_tensors(weights)
         runs[label] = {}
         for n in scored:  # wall seconds, and CPU seconds (the cost on a machine shared with other jobs)
-            t0, c0, key = time.time(), time.process_time(), (n, len(docs[n]))
+            t0, c0, key = time.time(), time.process_time(), (n, digest([docs[n], batch_size, gen_batch_size]))
             fast = L > 0 and TASKS[n].score is None  # generation feeds its own outputs back: never replayed
             if label == "base" and base_cache is not None and key in base_cache and (not fast or (*key, L) in kept):
                 runs[label][n] = base_cache[key]
             elif label == "base" and fast:
-                kept[(*key, L)] = Replay(model, L).record()
-                runs[label][n] = run(kept[(*key, L)], tok, TASKS[n], docs[n], batch_size, gen_batch_size)
+                recorder = Replay(model, L).record()
+                runs[label][n] = run(recorder, tok, TASKS[n], docs[n], batch_size, gen_batch_size)
+                kept[(*key, L)] = recorder
             else:
                 runs[label][n] = run(kept[(*key, L)].replay() if fast else model, tok, TASKS[n], docs[n],
                                      batch_size, gen_batch_size)

@@ -48,6 +48,7 @@ import torch
 
 import capability
 import delta
+from basecache import BaseCache
 from bleed import bleed
 from data import Edit, EditFileError, check_context, collate, encode_edit, load_edits
 from devices import evaluation_dtype
@@ -354,6 +355,8 @@ def main(argv=None) -> int:
                                               "subject), as lm-eval's --limit")
     ap.add_argument("--capability-data", default=str(capability.DATA_DIR),
                     help="directory of the <task>.jsonl files (default data/capability/, made by make capability)")
+    ap.add_argument("--capability-cache", metavar="DIR",
+                    help="with --capability: keep the base model's results there and reuse them in later runs")
     ap.add_argument("--out", help="write the full report (metrics, per-edit outputs, capability) as JSON here")
     ap.add_argument("--text", help="with --edits, a text file: perplexity of base and edited model and KL(base || edited)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -390,6 +393,8 @@ def main(argv=None) -> int:
             delta.check(args.delta, parameter_shapes(margs))
         n_params = sum(math.prod(s) for s in parameter_shapes(margs).values())
         model, tok = load(args.ckpt, device=args.device, dtype=evaluation_dtype(args.dtype, margs, args.device, n_params))
+        # the base's capability results (and replay states) from earlier runs, if asked and kept
+        cache = BaseCache(args.capability_cache, model) if args.capability_cache and tasks else None
         base = edited = None
         if args.delta:
             base = delta.apply(model, args.delta)
@@ -401,7 +406,7 @@ def main(argv=None) -> int:
                                   max_new_tokens=args.max_new_tokens)
         if tasks:
             report["capability"] = capability.before_after(model, tok, tasks, base, edited, args.limit,
-                                                           data_dir=args.capability_data)
+                                                           data_dir=args.capability_data, base_cache=cache)
     except (EditFileError, CheckpointError, ValueError, OSError) as e:  # DeltaError, CapabilityError: ValueErrors
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

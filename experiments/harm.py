@@ -7,7 +7,9 @@ Each run is two commands, the ones a user would type, run one after the other:
 
     python edit.py --ckpt CKPT --layer L --edits FILE --n N --out OUT/RUN
     python evaluate.py --ckpt CKPT --delta OUT/RUN/delta.safetensors --edits FILE --n N \\
-        --capability harm --out OUT/RUN-harm.json
+        --capability harm --capability-cache OUT/base-cache --out OUT/RUN-harm.json
+
+(the base model's half of the harm figures is computed once per model, in its first run).
 
 With `--reuse DIR` (experiments/budget.py's --work), a run whose edits and settings a budget.py
 run has trained to the defaults' stop takes that run's tensor of that epoch as its delta instead
@@ -48,7 +50,8 @@ def commands(run: str, edits: str, out: Path) -> list[tuple[Path, list[str]]]:
     if partial.exists():
         edit.append("--resume" if (partial / "checkpoint.pt").exists() else "--overwrite")
     evaluate = [sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--delta", str(d / "delta.safetensors"),
-                "--edits", edits, "--n", n, "--capability", "harm", "--out", str(out / f"{run}-harm.json")]
+                "--edits", edits, "--n", n, "--capability", "harm", "--capability-cache", str(out / "base-cache"),
+                "--out", str(out / f"{run}-harm.json")]
     return [(d / "delta.safetensors", edit), (out / f"{run}-harm.json", evaluate)]
 
 

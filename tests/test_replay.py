@@ -59,3 +59,38 @@ def test_replay_refuses_other_calls(tiny):
             r.replay()
             r(torch.tensor([[5, 6, 7]]))
             r(torch.tensor([[5, 6, 7, 9]]))
+
+
+def test_base_cache_on_disk(tiny, tmp_path):
+    """A later process (a new BaseCache on the same directory) reads the base results and the
+    kept states from disk, scores the same, and runs no layer below the edit; other base weights
+    find nothing there."""
+    from basecache import BaseCache
+    _, model, tok = tiny
+    write_docs(tmp_path, ["arc_easy", "lambada"])
+    name = "model.layers.2.mlp.down_proj.weight"
+    original = dict(model.named_parameters())[name].detach().clone()
+    edited = {name: original + 0.3}
+    spec = ["arc_easy", "lambada"]
+    args = dict(data_dir=tmp_path, say=lambda *_: None)
+    first = C.before_after(model, tok, spec, {name: original}, edited, base_cache=BaseCache(tmp_path / "c", model),
+                           **args)
+    model.load_tensors({name: original})
+    assert len(list((tmp_path / "c").glob("*.json"))) == 2 and len(list((tmp_path / "c").glob("*.safetensors"))) == 2
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        second = C.before_after(model, tok, spec, {name: original}, edited,
+                                base_cache=BaseCache(tmp_path / "c", model), **args)
+    finally:
+        hook.remove()
+        model.load_tensors({name: original})
+    assert calls == [] and second["tasks"]["arc_easy"]["metrics"] == first["tasks"]["arc_easy"]["metrics"]
+    assert second["tasks"]["lambada"]["metrics"] == first["tasks"]["lambada"]["metrics"]
+    model.load_tensors(edited)  # another base: a miss
+    other = BaseCache(tmp_path / "c", model)
+    model.load_tensors({name: original})
+    same = BaseCache(tmp_path / "c", model)
+    assert other.stamp != same.stamp
+    keys = [(t, C.digest([C.load_docs(t, None, tmp_path), 32, 16])) for t in spec]
+    assert all(k in same for k in keys) and not any(k in other for k in keys)
