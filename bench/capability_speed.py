@@ -18,6 +18,9 @@ costs, the base model and the edited one on each task: lm-eval evaluates twice (
 copied into its model in between); capability.py keeps the hidden states entering the edited
 layer in the base pass and starts the edited pass there (replay.py), as `capability.before_after`
 does; generation tasks run the whole model both times. Items are compared for both weight sets.
+A line before the last gives the edited weights' share alone: what the next edit of the same
+model costs when the base side is kept (`evaluate.py --capability-cache`; lm-eval has its own
+request cache for an unchanged model).
 
 Seconds are scoring alone: loading the models and lm-eval's task set-up are left out. An item
 differs when any of its task's metrics (acc, acc_norm, exact match per filter) differs between
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
         L = first_layer(edited, model.args.n_layers)
         hf_params = dict(hf.model.named_parameters())
         print(f"base and edited ({args.delta}): the edit begins at layer {L} of {model.args.n_layers}", flush=True)
-    total = {"ours": 0.0, "lm-eval": 0.0}
+    total, edited_only = {"ours": 0.0, "lm-eval": 0.0}, {"ours": 0.0, "lm-eval": 0.0}
     n_differ = n_items = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -118,18 +121,22 @@ def main(argv=None) -> int:
             else:
                 fast = Replay(model, L).record() if task.score is None else model
                 ours = [C.run(fast, tok, task, docs[name], args.batch_size)]
+                t1 = time.perf_counter()
                 model.load_tensors(edited)
                 ours.append(C.run(fast.replay() if task.score is None else model, tok, task, docs[name],
                                   args.batch_size))
+                edited_only["ours"] += time.perf_counter() - t1
                 model.load_tensors(base)
             t_ours = time.perf_counter() - t0
             t0 = time.perf_counter()
             outs = [evaluate_local(hf, loaded)]
             if edited is not None:
                 with torch.no_grad():
+                    t1 = time.perf_counter()
                     for n, t in edited.items():
                         hf_params[n].copy_(t)
                     outs.append(evaluate_local(hf, loaded))
+                    edited_only["lm-eval"] += time.perf_counter() - t1
                     for n, t in base.items():
                         hf_params[n].copy_(t)
             t_lm = time.perf_counter() - t0
@@ -144,6 +151,9 @@ def main(argv=None) -> int:
             print(f"{name:<12} n={len(docs[name]):<5} capability.py {t_ours:7.1f} s   lm-eval {t_lm:7.1f} s   "
                   f"{t_lm / t_ours:5.2f}x   items that differ {differ}   max |d loglik| {worst:.1e}", flush=True)
     print(f"{n_items} items in all")
+    if edited is not None:  # the next edit of the same model: the base side kept (BaseCache; lm-eval's own cache)
+        print(f"the edited weights alone: capability.py {edited_only['ours']:.1f} s, lm-eval {edited_only['lm-eval']:.1f} s, "
+              f"ratio {edited_only['lm-eval'] / edited_only['ours']:.2f}x")
     print(f"capability.py {total['ours']:.1f} s, lm-eval {total['lm-eval']:.1f} s, "
           f"ratio {total['lm-eval'] / total['ours']:.2f}x, items that differ {n_differ}")
     return 0
