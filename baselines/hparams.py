@@ -6,8 +6,11 @@ Qwen2/Qwen3/Qwen2-MoE -> Qwen2.5-7B, Mistral -> Mistral-7B). Layer indices are m
 depth: in each run of consecutive layers, the first, layer l of the reference's N_ref, becomes
 round((l + 1) / N_ref * N) - 1 of the model's N (the paper's "proportional position", as
 edit.py's --layer reads a fraction), and the others keep their distance from it (clipped to the
-last layer). Every other value (v* settings, lambda, thresholds, learning rates) is unchanged.
-On the reference models themselves the rule changes nothing.
+last layer). MEMIT's and RECT's lambda (mom2_update_weight) follows the MLP width d: it weighs
+lambda * C0 against the edits' K^T K, and a key k of ordinary text has E[k^T C0^-1 k] = d, so an
+edit's key counts d / lambda against what the layer knows; lambda = lambda_ref * d / d_ref keeps
+that ratio the reference's. Every other value (v* settings, thresholds, learning rates) is
+unchanged. On the reference models themselves the rule changes nothing.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import math
 FAMILY = {"llama": "Llama-3-8B", "qwen2": "Qwen2.5-7B", "qwen3": "Qwen2.5-7B", "qwen2_moe": "Qwen2.5-7B",
           "mistral": "Mistral-7B"}
 REFERENCE_LAYERS = {"Llama-3-8B": 32, "Qwen2.5-7B": 28, "Mistral-7B": 32}
+REFERENCE_WIDTH = {"Llama-3-8B": 14336, "Qwen2.5-7B": 18944, "Mistral-7B": 14336}  # intermediate_size
 
 # v* and lambda of the locate-then-edit methods (the same v* settings in MEMIT, AlphaEdit, RECT)
 _LLAMA_V = dict(layers=[4, 5, 6, 7, 8], v_num_grad_steps=25, v_lr=0.1, v_weight_decay=0.5, clamp_norm_factor=0.75,
@@ -82,11 +86,12 @@ def scale_layers(layers: list[int], n_ref: int, n: int) -> list[int]:
     return out
 
 
-def resolve(method: str, model_type: str, n_layers: int) -> tuple[dict, dict]:
-    """The hyper-parameters for a model, and where they come from: (hp, provenance)."""
+def resolve(method: str, model_type: str, n_layers: int, width: int) -> tuple[dict, dict]:
+    """The hyper-parameters for a model of `n_layers` layers and MLP width `width`, and where
+    they come from: (hp, provenance)."""
     family = FAMILY[model_type]
     ref, source = OFFICIAL[method][family]
-    n_ref = REFERENCE_LAYERS[family]
+    n_ref, w_ref = REFERENCE_LAYERS[family], REFERENCE_WIDTH[family]
     hp = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in ref.items()}
     if "layers" in hp:
         hp["layers"] = scale_layers(hp["layers"], n_ref, n_layers)
@@ -94,9 +99,12 @@ def resolve(method: str, model_type: str, n_layers: int) -> tuple[dict, dict]:
         hp["layer"] = proportional(hp["layer"], n_ref, n_layers)
     if "modules" in hp:
         hp["modules"] = {m: scale_layers(ls, n_ref, n_layers) for m, ls in hp["modules"].items()}
-    same = n_layers == n_ref
+    if "mom2_update_weight" in hp and method != "alphaedit":  # AlphaEdit's solve has no lambda * C0 term
+        hp["mom2_update_weight"] = hp["mom2_update_weight"] * width / w_ref
+    same = n_layers == n_ref and width == w_ref
     rule = (f"official {family} set" if same else
-            f"{family} set ({n_ref} layers) moved to {n_layers} layers by relative depth "
-            f"(first layer of each run l -> round((l+1)/{n_ref}*{n_layers})-1, the rest at the same offsets); "
-            f"other values unchanged")
+            f"{family} set ({n_ref} layers, MLP width {w_ref}) moved to {n_layers} layers by relative depth "
+            f"(first layer of each run l -> round((l+1)/{n_ref}*{n_layers})-1, the rest at the same offsets)"
+            + (f", lambda x {width}/{w_ref}" if "mom2_update_weight" in hp and method != "alphaedit" else "")
+            + "; other values unchanged")
     return hp, {"family": family, "source": source, "rule": rule}

@@ -117,7 +117,7 @@ def preflight_run(args):
     edits = data.load_edits(args.edits, n=args.n, seed=args.seed)
     data.check_context(tok, edits, args.edits, margs.max_position_embeddings)
     reqs = locate.requests(tok, edits, args.edits, args.eos) if args.method in LOCATE else None
-    hp, source = hparams.resolve(args.method, margs.model_type, margs.n_layers)
+    hp, source = hparams.resolve(args.method, margs.model_type, margs.n_layers, margs.intermediate_size)
     override(hp, source, args.method, args.set)
     shapes = model_lib.parameter_shapes(margs)
     names = edited_tensors(args.method, hp)

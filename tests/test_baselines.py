@@ -195,14 +195,18 @@ def test_ultraedit_changes_only_its_modules_and_shares_a_normaliser_per_shape(ti
     assert list(norms) == ["64x112"] and norms["64x112"].n == 3 * 4 * 2  # 3 modules x 4 edits x 2 answer tokens
 
 
-def test_hyperparameters_are_official_on_reference_models_and_scaled_by_depth_elsewhere():
-    hp, src = hparams.resolve("memit", "llama", 32)
+def test_hyperparameters_are_official_on_reference_models_and_scaled_by_depth_and_width_elsewhere():
+    hp, src = hparams.resolve("memit", "llama", 32, 14336)
     assert hp["layers"] == [4, 5, 6, 7, 8] and src["rule"] == "official Llama-3-8B set"
-    hp, _ = hparams.resolve("alphaedit", "qwen2", 24)
-    assert hp["layers"] == [3, 4, 5, 6, 7] and hp["nullspace_threshold"] == 2e-2
-    hp, _ = hparams.resolve("ultraedit", "llama", 30)
+    assert hp["mom2_update_weight"] == 15000
+    hp, src = hparams.resolve("rect", "llama", 30, 1536)  # SmolLM2-135M: lambda follows the MLP width
+    assert hp["layers"] == [4, 5, 6, 7, 8] and hp["mom2_update_weight"] == pytest.approx(15000 * 1536 / 14336)
+    assert "lambda x 1536/14336" in src["rule"]
+    hp, _ = hparams.resolve("alphaedit", "qwen2", 24, 4864)
+    assert hp["layers"] == [3, 4, 5, 6, 7] and hp["nullspace_threshold"] == 2e-2 and hp["mom2_update_weight"] == 15000
+    hp, _ = hparams.resolve("ultraedit", "llama", 30, 1536)
     assert hp["modules"] == {"gate_proj": [10, 11, 12, 13, 14], "up_proj": [17, 18, 19, 20, 21, 22, 23]}
-    assert hparams.resolve("ft_l", "qwen2", 28)[0]["layer"] == 27
+    assert hparams.resolve("ft_l", "qwen2", 28, 18944)[0]["layer"] == 27
 
 
 def test_covariance_corpus_must_hold_ten_times_the_mlp_width(tiny, tmp_path):
