@@ -66,7 +66,9 @@ def from_budget(run: Path, edits, hp) -> tuple[dict, dict] | None:
     if stop is None:  # the budget run ended before the defaults would have stopped
         return None
     kept = epochs[:stop]
+    scored = run / "scores" / f"e{stop:03d}.json"  # budget.py scored that tensor already (the same `score`)
     return torch.load(run / "snaps" / f"e{stop:03d}.pt"), {
+        "scores": json.loads(scored.read_text()) if scored.exists() else None,
         "batch_size": log["batch_size"], "epochs": kept, "epochs_run": stop, "final_loss": kept[-1]["mean_loss"],
         "stop": budget.stop(kept, hp, edit.STOP_LOSS), "prefix_seconds": log["prefix_seconds"],
         "seconds": log["prefix_seconds"] + sum(e["seconds"] for e in kept), "reused": str(run)}
@@ -90,7 +92,7 @@ def cell(lab, a, edits, hp, work: Path, base_loc: list[str], text: str) -> dict:
         log["learnt"] = learnt.report(lab.model, lab.tok, cache, edits, 1, hp.layer, say=print)
         lab.model.load_tensors(lab.originals)
     marks = log["learnt"]
-    s = score(lab, edits, cache, hp, trained, base_loc[:len(edits)])
+    s = log.get("scores") or score(lab, edits, cache, hp, trained, base_loc[:len(edits)])
     drift = evaluate.text_metrics(lab.model, lab.tok, text, lab.originals, trained)
     lab.model.load_tensors(lab.originals)
     n, params = len(edits), sum(t.numel() for t in trained.values())
