@@ -223,3 +223,33 @@ def test_harm_runs_only_the_steps_whose_outputs_are_missing(tmp_path, monkeypatc
                      ("evaluate.py", str(tmp_path / "qwen-100-harm.json"))]
     assert "--resume" in calls[1] and calls[0][calls[0].index("--capability") + 1] == "harm"
     assert harm.RUNS == ["smol-100", "qwen-100", "smol-1000", "qwen-1000"]
+
+
+def test_capacity_reuses_a_budget_run_only_with_the_same_edits_and_settings(setup, tmp_path):
+    """capacity.from_budget (and so harm.py --reuse): the tensor of the epoch the defaults stop
+    at, and budget.py's scores of it; nothing from a run still training, of other edits or of
+    other settings. An option newer than the run's log counts as at its default."""
+    import edit
+    from data import load_edits
+    from_budget = script("capacity").from_budget
+    edits = load_edits(str(setup / "edits.json"), n=4)
+    hp = edit.Hparams(layer=1)
+    run = tmp_path / "ckpt-edits-4-b1"
+    (run / "snaps").mkdir(parents=True)
+    (run / "scores").mkdir()
+    (run / "edits.json").write_text(json.dumps([e.to_json() for e in edits]))
+    losses = [0.5, 0.2, 0.005, 0.001]  # the paper's early stop after epoch 3
+    epochs = [{"epoch": i + 1, "mean_loss": x, "learnt": i, "steps": 1, "seconds": 1.0} for i, x in enumerate(losses)]
+    for e in epochs:
+        torch.save({"w": torch.full((2,), float(e["epoch"]))}, run / "snaps" / f"e{e['epoch']:03d}.pt")
+    (run / "scores" / "e003.json").write_text(json.dumps({"reliable": [True] * 4}))
+    settings = {k: v for k, v in vars(hp).items() if k not in ("retain", "retain_weight", "retain_tokens")}
+    log = {"hparams": {**settings, "batch_size": 1, "patience": 0, "general_text": "/elsewhere/general_text.txt"}, "batch_size": 1,
+           "epochs": epochs, "prefix_seconds": 2.0}
+    assert from_budget(run, edits, hp) is None  # no final log yet: still training
+    (run / "train_log.json").write_text(json.dumps(log))
+    tensors, got = from_budget(run, edits, hp)
+    assert tensors["w"][0] == 3 and got["epochs_run"] == 3 and got["scores"] == {"reliable": [True] * 4}
+    assert got["seconds"] == 2.0 + 3 and got["stop"].startswith("early stop")
+    assert from_budget(run, edits[:3], hp) is None
+    assert from_budget(run, edits, edit.Hparams(layer=1, lr=1e-3)) is None
