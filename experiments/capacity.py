@@ -84,7 +84,8 @@ def cell(lab, a, edits, hp, work: Path, base_loc: list[str], text: str) -> dict:
     else:
         print(f"== {len(edits)} edits", flush=True)
         trained, log = edit.edit(lab.model, lab.tok, edits, hp)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GB, the process so far
+    # GB, the process so far; a reused tensor was trained by another process, whose peak is not known here
+    peak = None if reused else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     encoded = [data.encode_edit(lab.tok, e.prompt, e.target) for e in edits]
     cache = data.PrefixCache(lab.model, encoded, lab.tok.pad_id, hp.layer)
     if "learnt" not in log:  # a reused tensor: the end-of-training check, made here
@@ -160,7 +161,7 @@ KEYS = ["model", "n", "edits_per_param", "batch_size", "epochs", "steps", "learn
 def write(a, argv, rows):
     fmt = {"edits_per_param": "{:.2e}", "train_s": "{:.0f}", "s_per_edit": "{:.2f}", "ms_per_edit_epoch": "{:.0f}",
            "peak_rss_gb": "{:.1f}", "perplexity": "{:.2f}", "kl_per_token": "{:.4f}"}
-    cell_ = lambda k, v: str(v) if isinstance(v, (int, str)) else fmt.get(k, "{:.3f}").format(v)  # noqa: E731
+    cell_ = lambda k, v: "–" if v is None else str(v) if isinstance(v, (int, str)) else fmt.get(k, "{:.3f}").format(v)  # noqa: E731
     paper = PAPER["edits"] / PAPER["params"]
     lines = ["# Capacity of one tensor", "", f"`python experiments/{NAME}.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
              "", f"edit.py's defaults, nothing else (SmolLM2-135M: layer 22 `down_proj`, 576x1536; Qwen2.5-Coder-0.5B: layer 17 "
