@@ -724,8 +724,8 @@ def before_after(model, tok, names: list[str], base: dict | None, edited: dict |
     with both weight sets batch by batch (`drift`). The model is left holding `edited` when
     given. `base_cache`, a dict kept by the caller, keeps the base model's task results between
     calls that score the same documents (several edits of one model, as in experiments/), and the
-    hidden states the edited passes start from; a `basecache.BaseCache` keeps them on disk too. `replay=False` runs every pass through the whole
-    model (the same scores, slower)."""
+    hidden states the edited passes start from; a `basecache.BaseCache` keeps them on disk too.
+    `replay=False` runs every pass through the whole model (the same scores, slower)."""
     docs = {}
     for entry in names:  # "task:N" entries: the report is keyed by the task
         docs[split_entry(entry)[0]] = load_docs(entry, limit, data_dir)
