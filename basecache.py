@@ -5,12 +5,14 @@ log-likelihood tasks, the hidden states entering the edited layer (replay.py). K
 directory (`evaluate.py --capability-cache DIR`), they are computed once per model, task and
 layer, and each later measurement pays for its edited weights only. An entry is found by a hash
 of everything its numbers depend on: the base weights' bytes, the task's documents and batch
-sizes, the layer, the dtype, device type and thread count (floating-point sums depend on them, and an
-unedited model must still score a change of exactly 0), the torch version, and the source of
-the code that computes them. Anything else is a miss, and a miss is computed and written.
+sizes, the layer, the dtype, device type and thread count (floating-point sums depend on them,
+and an unedited model must still score a change of exactly 0), the torch version, and the code
+that computes them (its syntax trees without docstrings: comments and documentation may change).
+Anything else is a miss, and a miss is computed and written.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -23,6 +25,17 @@ from replay import Replay
 
 ROOT = Path(__file__).resolve().parent
 SOURCES = ["model.py", "capability.py", "generate.py", "replay.py", "data.py", "tokenizer.py", "basecache.py"]
+
+
+def code_digest(source: str) -> str:
+    """The code of a module, not its comments or docstrings: editing those keeps what was kept."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
 
 
 def weights_digest(model) -> str:
@@ -44,7 +57,7 @@ class BaseCache(dict):
         self.root.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256(weights_digest(model).encode())
         for name in SOURCES:
-            h.update((ROOT / name).read_bytes())
+            h.update(code_digest((ROOT / name).read_text(encoding="utf-8")).encode())
         p = next(model.parameters())
         h.update(json.dumps([str(p.dtype), p.device.type, torch.get_num_threads(), torch.__version__]).encode())
         self.stamp = h.hexdigest()[:20]

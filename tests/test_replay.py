@@ -94,3 +94,11 @@ def test_base_cache_on_disk(tiny, tmp_path):
     assert other.stamp != same.stamp
     keys = [(t, C.digest([C.load_docs(t, None, tmp_path), 32, 16])) for t in spec]
     assert all(k in same for k in keys) and not any(k in other for k in keys)
+
+
+def test_code_digest_ignores_comments_and_docstrings_only():
+    from basecache import code_digest
+    a = 'def f(x):\n    """Doc."""\n    return x + 1  # one\n'
+    assert code_digest(a) == code_digest('def f(x):\n    """Other doc."""\n    # two\n    return x + 1\n')
+    assert code_digest(a) == code_digest('def f(x):\n    return x + 1\n')
+    assert code_digest(a) != code_digest('def f(x):\n    return x + 2\n')
