@@ -135,6 +135,11 @@ def table(rows: list[dict], edits: str) -> str:
         lines.append(f"| {r['model']}, {r['edits']} | {s.get('edit', float('nan')):.0f} | "
                      f"{s.get('evaluate', float('nan')):.0f} | {wall_cpu('capability_base')} | "
                      f"{wall_cpu('capability_edited')} | {wall_cpu('text')} |")
+    reused = [f"{r['model']}, {r['edits']}: {r['reused']}" for r in rows if r.get("reused")]
+    if reused:
+        lines += ["", "Deltas taken from an experiments/budget.py run of the same edits and settings (`--reuse`; "
+                  "the tensor of the epoch the defaults stop at, its training seconds from that run): "
+                  + "; ".join(reused) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,9 +167,12 @@ def main(argv=None) -> int:
     rows = []
     for run in RUNS:
         if (work / f"{run}-harm.json").exists():  # training seconds from edit.py's own log
-            seconds = {**times.get(run, {}), "edit": json.loads((work / run / "train_log.json").read_text())["seconds"]}
-            rows.append(row(run, json.loads((work / f"{run}-harm.json").read_text()), seconds))
+            log = json.loads((work / run / "train_log.json").read_text())
+            seconds = {**times.get(run, {}), "edit": log["seconds"]}
+            rows.append({**row(run, json.loads((work / f"{run}-harm.json").read_text()), seconds),
+                         "reused": log.get("reused") and f"epoch {log['epochs_run']} of {Path(log['reused']).name}"})
     out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "harm.json", lambda f: f.write_text(json.dumps({"edits": a.edits, "rows": rows}, indent=1)))
     write_atomic(out / "harm.md", lambda f: f.write_text(table(rows, a.edits)))
     print(table(rows, a.edits), end="")
