@@ -44,15 +44,15 @@ def commands(run: str, edits: str, out: Path) -> list[tuple[Path, list[str]]]:
     model, n = run.split("-")
     _, ckpt, layer = MODELS[model]
     d = out / run
-    edit = [sys.executable, "edit.py", "--ckpt", str(ckpt), "--layer", str(layer), "--edits", edits, "--n", n,
+    train = [sys.executable, "edit.py", "--ckpt", str(ckpt), "--layer", str(layer), "--edits", edits, "--n", n,
             "--out", str(d)]
     partial = out / f"{run}.partial"  # an interrupted edit: continue it, or start it afresh
     if partial.exists():
-        edit.append("--resume" if (partial / "checkpoint.pt").exists() else "--overwrite")
+        train.append("--resume" if (partial / "checkpoint.pt").exists() else "--overwrite")
     evaluate = [sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--delta", str(d / "delta.safetensors"),
                 "--edits", edits, "--n", n, "--capability", "harm", "--capability-cache", str(out / "base-cache"),
                 "--out", str(out / f"{run}-harm.json")]
-    return [(d / "delta.safetensors", edit), (out / f"{run}-harm.json", evaluate)]
+    return [(d / "delta.safetensors", train), (out / f"{run}-harm.json", evaluate)]
 
 
 def reuse(run: str, edits: str, out: Path, budget_work: Path) -> bool:
