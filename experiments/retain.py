@@ -4,7 +4,7 @@
     nice -n 10 python experiments/retain.py --layer 22 --n 100 \\
         --sets zsre=zsre_2k.json,counterfact=counterfact_2k.json,wikibigedit=wikibigedit_2k.json
     # the sweep that chose --retain's settings: records 1900..1999 of one set, never evaluated above
-    nice -n 10 python experiments/retain.py --layer 22 --n 100 --sweep --start 1900 --sets counterfact=counterfact_2k.json
+    nice -n 10 python experiments/retain.py --layer 22 --n 100 --sweep --start 1900 --epochs 25 --patience 0 --sets counterfact=counterfact_2k.json
 
 Plain LocFT-BF; `--retain` (retain.py) with its recommended settings and with a pool drawn from
 another data set; FT++'s regularisers, each and all three (A = 0.1, L1 = L2 = 1, as in
@@ -87,6 +87,9 @@ def main(argv=None):
     p.add_argument("--runs", default=None, help=f"comma-separated, of: {'; '.join(RUNS)} (default all)")
     p.add_argument("--sweep", action="store_true", help="plain, then the retain settings of --grid, instead of --runs")
     p.add_argument("--grid", default=SWEEP, help=f"with --sweep: weight,pool per edit,tokens;... (default {SWEEP})")
+    p.add_argument("--epochs", type=int, default=edit.Hparams.epochs,
+                   help="the epoch cap (the CounterFact sweep's cells: 25 and --patience 0, the defaults of their time)")
+    p.add_argument("--patience", type=int, default=edit.Hparams.patience, help="the plateau rule's patience (0: off)")
     p.add_argument("--text", default=str(common.ROOT / "data" / "heldout_text.txt"), help="held-out text for the drift")
     p.add_argument("--cells", default=str(common.ROOT / "experiments" / "results" / "retain_cells"))
     p.add_argument("--out", default=str(common.ROOT / "experiments" / "results"))
@@ -107,7 +110,8 @@ def main(argv=None):
                     continue
                 if lab is None:  # the model is read only when a cell is missing
                     lab = common.Lab(*common.model_lib.load(a.ckpt), [], 0, "", text)
-                    hp = edit.Hparams(layer=preflight.resolve_layer(a.layer, lab.model.args.n_layers))
+                    hp = edit.Hparams(layer=preflight.resolve_layer(a.layer, lab.model.args.n_layers), epochs=a.epochs,
+                                      patience=a.patience)
                 edits = data.load_edits(path)[a.start:a.start + a.n]
                 run_hp = settings(run, hp, sets, name, a.low_layer)
                 if a.sweep and run != "plain":  # the pool per edit of a sweep setting
@@ -139,7 +143,7 @@ def report(cells: Path, out):
     lines = ["# Bleed and the retain objective", "",
              "`nice -n 10 python experiments/retain.py --ckpt CKPT --layer L --n N --sets zsre=zsre_2k.json,"
              "counterfact=counterfact_2k.json,wikibigedit=wikibigedit_2k.json` (the sweep: `--sweep --start 1900 "
-             "--sets counterfact=counterfact_2k.json`)", "",
+             "--epochs 25 --patience 0 --sets counterfact=counterfact_2k.json`)", "",
              "Edit metrics by greedy exact match on the edited records (bleed: share of unrelated prompts answered "
              "with some edit's target, neither their unedited nor their true answer; own: with their own edit's). "
              "Drift: perplexity and KL(base || edited) per token on data/heldout_text.txt. FT++: A = 0.1, L1 = L2 = 1. "
