@@ -119,15 +119,15 @@ def main(argv=None):
                 t0 = time.time()
                 print(f"== {name} {run}", flush=True)
                 trained, log = edit.edit(lab.model, lab.tok, edits, run_hp)
-                report = evaluate.measure(lab.model, lab.tok, edits, None, trained, text=lab.text)
-                scores = evaluate.headline(report)
+                measured = evaluate.measure(lab.model, lab.tok, edits, None, trained, text=lab.text)
+                scores = evaluate.headline(measured)
                 row = {"model": Path(a.ckpt).name, "set": name, "start": a.start, "n": len(edits), "run": run,
                        "sweep": a.sweep, "layer": run_hp.layer, **scores, "train_s": log["seconds"],
                        "epochs": log["epochs_run"], "final_loss": log["final_loss"], "cell_s": time.time() - t0,
                        "retain": log.get("retain"), "ftpp": log.get("ftpp"),
                        "retain_kl": log["epochs"][-1].get("retain_kl"),
                        "locality": [{k: x[k] for k in ("prompt", "answer", "base", "edited")} | {"target": e["target"]}
-                                    for e in report["edits"] for x in e["locality"]]}
+                                    for e in measured["edits"] for x in e["locality"]]}
                 common.show({k: v for k, v in row.items() if k != "locality"})
                 cell.parent.mkdir(parents=True, exist_ok=True)
                 common.write_atomic(cell, lambda q: q.write_text(json.dumps(row, indent=1)))
