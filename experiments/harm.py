@@ -132,8 +132,9 @@ def table(rows: list[dict], edits: str) -> str:
     for r in rows:
         s = r["seconds"]
         wall_cpu = lambda k: f"{s[k]:.0f} ({s[k + '_cpu']:.0f})"  # noqa: E731
-        lines.append(f"| {r['model']}, {r['edits']} | {s.get('edit', float('nan')):.0f} | "
-                     f"{s.get('evaluate', float('nan')):.0f} | {wall_cpu('capability_base')} | "
+        secs = lambda k: f"{s[k]:.0f}" if k in s else "–"  # noqa: E731 (not timed: run by hand)
+        lines.append(f"| {r['model']}, {r['edits']} | {secs('edit')} | {secs('evaluate')} | "
+                     f"{wall_cpu('capability_base')} | "
                      f"{wall_cpu('capability_edited')} | {wall_cpu('text')} |")
     reused = [f"{r['model']}, {r['edits']}: {r['reused']}" for r in rows if r.get("reused")]
     if reused:
