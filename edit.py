@@ -84,6 +84,7 @@ class Hparams:
     retain_weight: float = 1.0
     retain_pool: int | None = None  # prompts in the pool; None: one per edit
     retain_tokens: int = 4  # the first k tokens of each base continuation
+    retain_related: bool = False  # from records, first those sharing an edit's relation
     retain_from: str | None = None  # an edit file whose records (those not edited) give the pool
     retain_file: str | None = None  # or the user's prompts, one per line
 

@@ -184,6 +184,9 @@ def parse_args(argv, H) -> argparse.Namespace:
                    help="prompts in the pool (default: one per edit)")
     g.add_argument("--retain-tokens", type=int, default=H.retain_tokens, metavar="K",
                    help=f"tokens of each base answer the KL holds (default {H.retain_tokens})")
+    g.add_argument("--retain-related", action="store_true",
+                   help="from records, first (in turn for each edit) prompts of records sharing an edit's relation, "
+                        "its prompt with the subject taken out")
     g2 = g.add_mutually_exclusive_group()
     g2.add_argument("--retain-from", default=None, metavar="FILE",
                     help="an edit file whose records give the pool (their prompts and locality prompts; those "
@@ -193,7 +196,8 @@ def parse_args(argv, H) -> argparse.Namespace:
     args = p.parse_args(argv)
     tuned = [f for f, given in (("--retain-weight", args.retain_weight != H.retain_weight), ("--retain-pool", args.retain_pool),
                                 ("--retain-tokens", args.retain_tokens != H.retain_tokens),
-                                ("--retain-from", args.retain_from), ("--retain-file", args.retain_file)) if given]
+                                ("--retain-from", args.retain_from), ("--retain-file", args.retain_file),
+                                ("--retain-related", args.retain_related)) if given]
     if tuned and not args.retain:
         p.error(f"{tuned[0]} acts with --retain only; add --retain")
     return args
@@ -277,6 +281,8 @@ def check_args(args) -> None:
     for flag, v in (("--retain-pool", args.retain_pool), ("--retain-tokens", args.retain_tokens)):
         if v is not None and v <= 0:
             raise EditError(f"{flag} must be positive, got {v}")
+    if args.retain_related and args.retain_file:
+        raise EditError("--retain-related draws from records; --retain-file gives prompts without relations")
     for flag, path in (("--retain-from", args.retain_from), ("--retain-file", args.retain_file)):
         if path and not Path(path).is_file():
             raise EditError(f"{flag} {path}: file does not exist")

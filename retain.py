@@ -89,7 +89,7 @@ def pool(edits, hp, say=print) -> list[str]:
     subjects = sorted({e.subject.strip() for e in edits if len(e.subject.strip()) >= 3}, key=len, reverse=True)
     # an edited subject as a whole word or phrase ("Asia" is not in "Asian"), any case
     names = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, subjects)) + r")(?!\w)", re.I) if subjects else None
-    candidates, dropped = [], {"evaluated": 0, "edited subject": 0}
+    candidates, dropped = {}, {"evaluated": 0, "edited subject": 0}  # prompt -> its record's relation
     for r in load_edits(hp.retain_from):
         for p in [r.prompt, *(q for q, _ in r.locality)]:
             if key(p) in asked:
@@ -97,15 +97,30 @@ def pool(edits, hp, say=print) -> list[str]:
             elif names and names.search(p):
                 dropped["edited subject"] += 1
             else:
-                candidates.append(p)
-    candidates = list(dict.fromkeys(candidates))  # each prompt once, first-seen order
+                candidates.setdefault(p, relation(r))  # each prompt once, first-seen order
     if not candidates:
         raise PoolError(f"--retain-from {hp.retain_from}: no prompt left once the edited records' are dropped "
                         "(every record is being edited?); give another file with --retain-from or --retain-file")
-    chosen = random.Random(hp.seed).sample(candidates, min(size, len(candidates)))
+    rng = random.Random(hp.seed)
+    chosen = rng.sample(list(candidates), min(size, len(candidates)))
+    if hp.retain_related:  # first, in turn for each edit, a prompt of a record with the edit's relation
+        by_relation = {}
+        for p in rng.sample(list(candidates), len(candidates)):
+            by_relation.setdefault(candidates[p], []).append(p)
+        related = []
+        while len(related) < size and any(by_relation.get(relation(e)) for e in edits):
+            related += [by_relation[relation(e)].pop() for e in edits if by_relation.get(relation(e))]
+        chosen = list(dict.fromkeys(related[:size] + chosen))[:size]
     say(f"retain pool: {len(chosen)} prompts from {hp.retain_from} ({len(candidates)} available; dropped "
-        f"{dropped['evaluated']} evaluated, {dropped['edited subject']} naming an edited subject)")
+        f"{dropped['evaluated']} evaluated, {dropped['edited subject']} naming an edited subject"
+        + (f"; {sum(candidates[p] in {relation(e) for e in edits} for p in chosen)} of an edited relation)"
+           if hp.retain_related else ")"))
     return chosen
+
+
+def relation(record) -> str:
+    """A record's relation, as its prompt with the subject taken out: "Reedy Glacier is in" -> "{} is in"."""
+    return key(record.prompt.replace(record.subject, "{}")) if record.subject else key(record.prompt)
 
 
 def kl_base_edited(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:

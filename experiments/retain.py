@@ -70,9 +70,10 @@ def settings(run: str, hp: edit.Hparams, sets: dict, name: str, low_layer: int) 
         return replace(hp, **{k: FTPP[k] for k in which})
     if run == "lower layer":
         return replace(hp, layer=low_layer)
-    m = re.fullmatch(r"W=(\S+) pool=(\S+)x k=(\d+)", run)  # a sweep setting
+    m = re.fullmatch(r"W=(\S+) pool=(\S+)x k=(\d+)( related)?", run)  # a sweep setting
     if m:
-        return replace(own, retain_weight=float(m[1]), retain_pool=None, retain_tokens=int(m[3]))
+        return replace(own, retain_weight=float(m[1]), retain_pool=None, retain_tokens=int(m[3]),
+                       retain_related=bool(m[4]))
     raise ValueError(f"unknown run {run!r}")
 
 
@@ -86,7 +87,8 @@ def main(argv=None):
     p.add_argument("--low-layer", type=int, default=4, help="the lower layer's index")
     p.add_argument("--runs", default=None, help=f"comma-separated, of: {'; '.join(RUNS)} (default all)")
     p.add_argument("--sweep", action="store_true", help="plain, then the retain settings of --grid, instead of --runs")
-    p.add_argument("--grid", default=SWEEP, help=f"with --sweep: weight,pool per edit,tokens;... (default {SWEEP})")
+    p.add_argument("--grid", default=SWEEP,
+                   help=f"with --sweep: weight,pool per edit,tokens[,1 for --retain-related];... (default {SWEEP})")
     p.add_argument("--epochs", type=int, default=edit.Hparams.epochs,
                    help="the epoch cap (the CounterFact sweep's cells: 25 and --patience 0, the defaults of their time)")
     p.add_argument("--patience", type=int, default=edit.Hparams.patience, help="the plateau rule's patience (0: off)")
@@ -98,8 +100,9 @@ def main(argv=None):
     sets = dict(s.split("=", 1) for s in a.sets.split(","))
     cells = Path(a.cells)
     if not a.table_only:
-        grid = [[float(x) for x in g.split(",")] for g in a.grid.split(";")]
-        runs = ["plain"] + [f"W={w:g} pool={m:g}x k={k:g}" for w, m, k in grid] if a.sweep else (a.runs.split(";") if a.runs else RUNS)
+        grid = [[float(x) for x in g.split(",")] + [0] for g in a.grid.split(";")]
+        runs = (["plain"] + [f"W={w:g} pool={m:g}x k={k:g}" + " related" * bool(r) for w, m, k, r, *_ in grid]
+                if a.sweep else (a.runs.split(";") if a.runs else RUNS))
         text = "\n".join(s for s in Path(a.text).read_text(encoding="utf-8").splitlines() if s.strip() and not s.startswith("#"))
         lab = None
         base_scores_once()

@@ -104,6 +104,24 @@ def test_pool_from_records_drops_evaluated_prompts_and_edited_subjects(tmp_path)
     assert "dropped" in said[0]
 
 
+def test_related_pool_gives_each_edit_prompts_of_its_relation_first(tmp_path):
+    edits = records(3, seed=0, vocab=(100, 200))
+    for e, rel in zip(edits, ("w900 is in", "w901 works for", "w900 is in")):
+        e.prompt = f"{e.subject} {rel}"
+    others = records(40, seed=1, vocab=(200, 320))
+    for i, r in enumerate(others):  # relations of the edits for 2 of every 10 records, others' for the rest
+        r.prompt = f"{r.subject} " + ("w900 is in" if i % 10 == 0 else "w901 works for" if i % 10 == 1 else f"w{950 + i}")
+    f = write(tmp_path / "others.jsonl", others)
+    hp = edit.Hparams(retain=True, retain_from=str(f), retain_pool=5)
+    plain = retain.pool(edits, hp, say=lambda s: None)
+    related = retain.pool(edits, edit.Hparams(**{**vars(hp), "retain_related": True}), say=lambda s: None)
+    relation = {p: retain.relation(r) for r in others for p in [r.prompt, *(q for q, _ in r.locality)]}
+    rels = [relation[p] for p in related]
+    assert rels[:3] == ["{} w900 is in", "{} w901 works for", "{} w900 is in"]  # one per edit, in turn
+    assert rels.count("{} w901 works for") == 2 and rels.count("{} w900 is in") == 3  # then again, to the size
+    assert sum(relation[p] in rels[:2] for p in plain) < 5 and len(set(related)) == 5
+
+
 def test_pool_file_with_an_evaluated_prompt_is_refused_naming_it(tiny_llama, tmp_path, capsys):
     edits = records(4, seed=0)
     f = write(tmp_path / "edits.jsonl", edits)
