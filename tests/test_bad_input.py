@@ -139,6 +139,8 @@ CASES = [
     ("lr-nan", "edit", None, E + ["--lr", "nan"], ["--lr", "nan"]),
     ("kl-weight-inf", "edit", None, E + ["--general-kl", "inf"], ["--general-kl", "inf"]),
     ("dtype-unknown", "edit", None, E + ["--dtype", "float8"], ["--dtype", "float8"]),
+    ("retain-related-without-records", "edit", lambda w: (w / "pool.txt").write_text("w300 w301\n"),
+     E + ["--retain", "--retain-related", "--retain-file", "{w}/pool.txt"], ["--retain-related", "--retain-file"]),
     ("not-a-number", "evaluate", None, V + ["--batch-size", "many"], ["evaluate.py: error", "--batch-size", "'many'"]),
     ("unknown-module", "edit", None, E + ["--module", "ffn"], ["edit.py: error", "--module", "'ffn'"]),
     ("cache-device-unknown", "edit", None, E + ["--cache-device", "floppy"], ["--cache-device", "'floppy'"]),
