@@ -12,7 +12,8 @@ The retain term says it, with the base model's own behaviour as the label:
   (--retain-from), or the user's own prompts, one per line (--retain-file). A prompt that is
   an evaluated one (an edit's prompt, rephrase or locality prompt) is refused in a user's file
   and dropped from records; from records, a prompt naming an edited subject is dropped too (it
-  may state the edited fact, which the edit must change);
+  may state the edited fact, which the edit must change). With --retain-related the records that
+  share an edit's relation come first, one per edit in turn: the neighbours the edit may bleed to;
 - each prompt's **base continuation**: the base model's greedy answer, decoded by generate.py
   exactly as the evaluation decodes it, once, before training; its first k tokens are kept;
 - the **loss**: KL(p_base || p_edited) at the positions that predict those k tokens, so the
@@ -72,7 +73,8 @@ def read_prompts(path) -> list[str]:
 def pool(edits, hp, say=print) -> list[str]:
     """The pool's prompts for these edits: `hp.retain_file`'s (refused if one is evaluated), or
     prompts of `hp.retain_from`'s records, evaluated ones and those naming an edited subject
-    dropped; at most `hp.retain_pool` (default: one per edit), drawn with `hp.seed`."""
+    dropped; at most `hp.retain_pool` (default: one per edit), drawn with `hp.seed` (with
+    `hp.retain_related`, those of an edit's relation first)."""
     asked = evaluated(edits)
     size = hp.retain_pool or len(edits)
     if hp.retain_file:
