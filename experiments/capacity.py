@@ -15,9 +15,14 @@ edits per trained parameter beside the paper's scale. A cell is stored when done
 when found, so a killed run continues; every stored cell of every model makes the table.
 `--reuse` takes a cell's tensor from a budget.py run of the same setting instead of training
 again (stopping is truncation: the rule is applied to that run's log, and its tensor of that
-epoch is the one the defaults would have trained). Writes results/capacity.{md,json,png}.
+epoch is the one the defaults would have trained). `--sample K` scores the greedy metrics of a
+larger cell on a seeded random K of its edits, with a 95% interval (greedy decoding of
+thousands of prompts takes hours on a CPU); the learnt check and the drift still cover every
+edit. Writes results/capacity.{md,json,png}.
 """
 import json
+import math
+import random
 import resource
 import sys
 import time
@@ -74,8 +79,20 @@ def from_budget(run: Path, edits, hp) -> tuple[dict, dict] | None:
         "seconds": log["prefix_seconds"] + sum(e["seconds"] for e in kept), "reused": str(run)}
 
 
+def sample_of(n: int, k: int | None) -> list[int]:
+    """The edits whose greedy answers are scored: all n, or a seeded random k of them."""
+    return list(range(n)) if not k or n <= k else sorted(random.Random(0).sample(range(n), k))
+
+
+def wilson(hits: int, n: int) -> list[float]:
+    """95% Wilson interval of a proportion measured on a sample."""
+    p, z = hits / n, 1.96
+    mid, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [mid - half, mid + half]
+
+
 def cell(lab, a, edits, hp, work: Path, base_loc: list[str], text: str) -> dict:
-    """Train (or reuse) and score one edit set."""
+    """Train (or reuse) and score one edit set (the greedy metrics on `base_loc`'s edits: all, or --sample's)."""
     runs = sorted(Path(a.reuse).glob(f"{Path(a.ckpt).name}-*-{len(edits)}*")) if a.reuse else []
     reused = next(filter(None, (from_budget(r, edits, hp) for r in runs)), None)
     if reused:
@@ -93,7 +110,14 @@ def cell(lab, a, edits, hp, work: Path, base_loc: list[str], text: str) -> dict:
         log["learnt"] = learnt.report(lab.model, lab.tok, cache, edits, 1, hp.layer, say=print)
         lab.model.load_tensors(lab.originals)
     marks = log["learnt"]
-    s = log.get("scores") or score(lab, edits, cache, hp, trained, base_loc[:len(edits)])
+    idx = sample_of(len(edits), a.sample)
+    if len(idx) < len(edits):  # the greedy metrics on the sample, its own prefix cache
+        picked = [edits[i] for i in idx]
+        cache = data.PrefixCache(lab.model, [data.encode_edit(lab.tok, e.prompt, e.target) for e in picked],
+                                 lab.tok.pad_id, hp.layer)
+        s = score(lab, picked, cache, hp, trained, base_loc)
+    else:
+        s = log.get("scores") or score(lab, edits, cache, hp, trained, base_loc[:len(edits)])
     drift = evaluate.text_metrics(lab.model, lab.tok, text, lab.originals, trained)
     lab.model.load_tensors(lab.originals)
     n, params = len(edits), sum(t.numel() for t in trained.values())
@@ -102,8 +126,9 @@ def cell(lab, a, edits, hp, work: Path, base_loc: list[str], text: str) -> dict:
     return {"model": Path(a.ckpt).name, "n": n, "edits_per_param": n / params, "params": params,
             "batch_size": log["batch_size"], "epochs": len(epochs), "steps": sum(e["steps"] for e in epochs),
             "stop": log.get("stop"), "learnt": marks["learnt"] / n,
-            "reliability": sum(s["reliable"]) / n, "generalization": sum(s["general"]) / n,
-            "locality_unchanged": sum(s["local"]) / n, "perplexity_base": drift["perplexity"]["base"],
+            "reliability": sum(s["reliable"]) / len(idx), "generalization": sum(s["general"]) / len(idx),
+            "locality_unchanged": sum(s["local"]) / len(idx), "scored": len(idx),
+            "reliability_ci95": wilson(sum(s["reliable"]), len(idx)) if len(idx) < n else None, "perplexity_base": drift["perplexity"]["base"],
             "perplexity": drift["perplexity"]["edited"], "kl_per_token": drift["kl_base_edited_per_token"],
             "train_s": log["seconds"], "s_per_edit": log["seconds"] / n, "prefix_s": log["prefix_seconds"],
             "epoch_s": train_epochs / len(epochs), "ms_per_edit_epoch": train_epochs / len(epochs) / n * 1e3,
@@ -116,6 +141,8 @@ def main(argv=None):
     p.add_argument("--text", default=str(common.ROOT / "data" / "heldout_text.txt"), help="held-out text for the drift")
     p.add_argument("--work", default=str(common.ROOT / "out" / "capacity"), help="finished cells")
     p.add_argument("--reuse", default=None, metavar="DIR", help="budget.py's --work: take the tensor from its runs")
+    p.add_argument("--sample", type=int, default=None, metavar="K",
+                   help="greedy metrics of a cell larger than K on a seeded random K of its edits")
     a, _, _ = common.parse(p, argv, n=None, capability_flags=False)
     ns = [int(x) for x in (a.ns or ("20,50" if a.quick else "100,300,1000,2000")).split(",")]
     work = Path(a.work)
@@ -133,7 +160,10 @@ def main(argv=None):
             names = model_lib.select_params(model, hp.layer, hp.module)
             lab.originals = {k: v.detach().clone() for k, v in names.items()}
             everything = common.edit_set(a.edits, max(ns))
-            base_loc = base_answers(lab, everything, work / f"{Path(a.ckpt).name}-base.json")
+        idx = sample_of(n, a.sample)
+        whole = max(m for m in ns if len(sample_of(m, a.sample)) == m) if len(idx) == n else None
+        base_loc = base_answers(lab, everything[:whole], work / f"{Path(a.ckpt).name}-base.json") if whole else \
+            base_answers(lab, [everything[i] for i in idx], work / f"{Path(a.ckpt).name}-{n}-sample{len(idx)}-base.json")
         t0 = time.time()
         row = cell(lab, a, everything[:n], hp, work, base_loc, text)
         row["wall_s"] = time.time() - t0
@@ -141,6 +171,8 @@ def main(argv=None):
         common.write_atomic(done, lambda q: q.write_text(json.dumps(row, indent=1)))
         print(json.dumps({k: v for k, v in row.items() if k != "not_learnt"}), flush=True)
     rows = [json.loads(f.read_text()) for f in sorted(work.glob("*.json")) if not f.name.endswith("-base.json")]
+    for r in rows:
+        r.setdefault("scored", r["n"])  # cells stored before --sample scored every edit
     rows.sort(key=lambda r: (r["model"], r["n"]))
     write(a, argv, rows)
 
@@ -154,8 +186,8 @@ def base_answers(lab, edits, path: Path) -> list[str]:
     return answers
 
 
-KEYS = ["model", "n", "edits_per_param", "batch_size", "epochs", "steps", "learnt", "reliability", "generalization",
-        "locality_unchanged", "kl_per_token", "perplexity", "train_s", "s_per_edit", "ms_per_edit_epoch", "peak_rss_gb"]
+KEYS = ["model", "n", "edits_per_param", "batch_size", "epochs", "steps", "learnt", "scored", "reliability",
+        "generalization", "locality_unchanged", "kl_per_token", "perplexity", "train_s", "s_per_edit", "ms_per_edit_epoch", "peak_rss_gb"]
 
 
 def write(a, argv, rows):

@@ -189,6 +189,14 @@ def test_capacity_and_budget_write_their_tables_and_resume(setup, tmp_path):
     stored = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
     script("capacity").main([*common, "--ns", "4,8", "--work", str(tmp_path / "cells")])  # found: nothing trains
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == stored
+    full = {r["n"]: r for r in rows}
+    script("capacity").main([*common, "--ns", "4,8", "--sample", "5", "--work", str(tmp_path / "sampled")])
+    rows = {r["n"]: r for r in json.loads((tmp_path / "capacity.json").read_text())["rows"]}
+    assert rows[4]["scored"] == 4 and rows[4]["reliability_ci95"] is None and rows[4]["reliability"] == full[4]["reliability"]
+    assert rows[8]["scored"] == 5 and rows[8]["learnt"] == full[8]["learnt"]  # the learnt check: every edit
+    lo, hi = rows[8]["reliability_ci95"]
+    assert lo <= rows[8]["reliability"] <= hi and len(json.loads((tmp_path / "sampled" / "ckpt-8-sample5-base.json").read_text())) == 5
+    assert [round(x, 4) for x in script("capacity").wilson(5, 10)] == [0.2366, 0.7634]  # the textbook 95% interval
     script("budget").main([*common, "--n", "6", "--cap", "3", "--every", "2", "--work", str(tmp_path / "runs")])
     result = json.loads(next((tmp_path / "budget").glob("*.json")).read_text())
     assert len(result["epochs"]) == 3 and [r["epoch"] for r in result["rows"]] == [2, 3]
