@@ -72,11 +72,13 @@ def from_budget(run: Path, edits, hp) -> tuple[dict, dict] | None:
         return None
     kept = epochs[:stop]
     scored = run / "scores" / f"e{stop:03d}.json"  # budget.py scored that tensor already (the same `score`)
+    # the run's end-of-training learnt check is of that tensor if the defaults stop at its last epoch
+    end = {"learnt": log["learnt"]} if done.exists() and stop == len(epochs) and "learnt" in log else {}
     return torch.load(run / "snaps" / f"e{stop:03d}.pt"), {
         "scores": json.loads(scored.read_text()) if scored.exists() else None,
         "batch_size": log["batch_size"], "epochs": kept, "epochs_run": stop, "final_loss": kept[-1]["mean_loss"],
         "stop": budget.stop(kept, hp, edit.STOP_LOSS), "prefix_seconds": log["prefix_seconds"],
-        "seconds": log["prefix_seconds"] + sum(e["seconds"] for e in kept), "reused": str(run)}
+        "seconds": log["prefix_seconds"] + sum(e["seconds"] for e in kept), "reused": str(run), **end}
 
 
 def sample_of(n: int, k: int | None) -> list[int]:
@@ -103,21 +105,17 @@ def cell(lab, a, edits, hp, work: Path, base_loc: list[str], text: str) -> dict:
         trained, log = edit.edit(lab.model, lab.tok, edits, hp)
     # GB, the process so far; a reused tensor was trained by another process, whose peak is not known here
     peak = None if reused else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    encoded = [data.encode_edit(lab.tok, e.prompt, e.target) for e in edits]
-    cache = data.PrefixCache(lab.model, encoded, lab.tok.pad_id, hp.layer)
+    def prefix(es):  # the frozen layers below the edited one, run once for these edits
+        return data.PrefixCache(lab.model, [data.encode_edit(lab.tok, e.prompt, e.target) for e in es], lab.tok.pad_id,
+                                hp.layer)
     if "learnt" not in log:  # a reused tensor: the end-of-training check, made here
         lab.model.load_tensors(trained)
-        log["learnt"] = learnt.report(lab.model, lab.tok, cache, edits, 1, hp.layer, say=print)
+        log["learnt"] = learnt.report(lab.model, lab.tok, prefix(edits), edits, 1, hp.layer, say=print)
         lab.model.load_tensors(lab.originals)
     marks = log["learnt"]
     idx = sample_of(len(edits), a.sample)
-    if len(idx) < len(edits):  # the greedy metrics on the sample, its own prefix cache
-        picked = [edits[i] for i in idx]
-        cache = data.PrefixCache(lab.model, [data.encode_edit(lab.tok, e.prompt, e.target) for e in picked],
-                                 lab.tok.pad_id, hp.layer)
-        s = score(lab, picked, cache, hp, trained, base_loc)
-    else:
-        s = log.get("scores") or score(lab, edits, cache, hp, trained, base_loc[:len(edits)])
+    picked = [edits[i] for i in idx]
+    s = (len(idx) == len(edits) and log.get("scores")) or score(lab, picked, prefix(picked), hp, trained, base_loc[:len(idx)])
     drift = evaluate.text_metrics(lab.model, lab.tok, text, lab.originals, trained)
     lab.model.load_tensors(lab.originals)
     n, params = len(edits), sum(t.numel() for t in trained.values())

@@ -259,5 +259,10 @@ def test_capacity_reuses_a_budget_run_only_with_the_same_edits_and_settings(setu
     tensors, got = from_budget(run, edits, hp)
     assert tensors["w"][0] == 3 and got["epochs_run"] == 3 and got["scores"] == {"reliable": [True] * 4}
     assert got["seconds"] == 2.0 + 3 and got["stop"].startswith("early stop")
+    (run / "train_log.json").write_text(json.dumps({**log, "learnt": {"learnt": 4, "edits": 4, "not_learnt": []}}))
+    assert "learnt" not in from_budget(run, edits, hp)[1]  # the run's end-of-training check is of epoch 4
+    (run / "train_log.json").write_text(json.dumps({**log, "epochs": epochs[:3], "learnt": {"learnt": 4}}))
+    assert from_budget(run, edits, hp)[1]["learnt"] == {"learnt": 4}  # the defaults stop at its last epoch
+    (run / "train_log.json").write_text(json.dumps(log))
     assert from_budget(run, edits[:3], hp) is None
     assert from_budget(run, edits, edit.Hparams(layer=1, lr=1e-3)) is None
