@@ -131,7 +131,8 @@ def table(rows: list[dict], edits: str) -> str:
               "weights | LAMBADA text, both weight sets |", "|---" * 6 + "|"]
     for r in rows:
         s = r["seconds"]
-        wall_cpu = lambda k: f"{s[k]:.0f} ({s[k + '_cpu']:.0f})"  # noqa: E731
+        # under a second: read from --capability-cache, computed by an earlier run of the same model
+        wall_cpu = lambda k: f"{s[k]:.0f} ({s[k + '_cpu']:.0f})" if s[k] >= 1 else "kept from an earlier run"  # noqa: E731
         secs = lambda k: f"{s[k]:.0f}" if k in s else "–"  # noqa: E731 (not timed: run by hand)
         lines.append(f"| {r['model']}, {r['edits']} | {secs('edit')} | {secs('evaluate')} | "
                      f"{wall_cpu('capability_base')} | "
