@@ -105,18 +105,18 @@ def pool(edits, hp, say=print) -> list[str]:
                         "(every record is being edited?); give another file with --retain-from or --retain-file")
     rng = random.Random(hp.seed)
     chosen = rng.sample(list(candidates), min(size, len(candidates)))
+    wanted = [relation(e) for e in edits]
     if hp.retain_related:  # first, in turn for each edit, a prompt of a record with the edit's relation
         by_relation = {}
         for p in rng.sample(list(candidates), len(candidates)):
             by_relation.setdefault(candidates[p], []).append(p)
         related = []
-        while len(related) < size and any(by_relation.get(relation(e)) for e in edits):
-            related += [by_relation[relation(e)].pop() for e in edits if by_relation.get(relation(e))]
+        while len(related) < size and any(by_relation.get(w) for w in wanted):
+            related += [by_relation[w].pop() for w in wanted if by_relation.get(w)]
         chosen = list(dict.fromkeys(related[:size] + chosen))[:size]
     say(f"retain pool: {len(chosen)} prompts from {hp.retain_from} ({len(candidates)} available; dropped "
-        f"{dropped['evaluated']} evaluated, {dropped['edited subject']} naming an edited subject"
-        + (f"; {sum(candidates[p] in {relation(e) for e in edits} for p in chosen)} of an edited relation)"
-           if hp.retain_related else ")"))
+        f"{dropped['evaluated']} evaluated, {dropped['edited subject']} naming an edited subject; "
+        f"{sum(candidates[p] in set(wanted) for p in chosen)} of an edited relation)")
     return chosen
 
 

@@ -89,7 +89,8 @@ def sample_of(n: int, k: int | None) -> list[int]:
 def wilson(hits: int, n: int) -> list[float]:
     """95% Wilson interval of a proportion measured on a sample."""
     p, z = hits / n, 1.96
-    mid, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [mid - half, mid + half]
 
 
@@ -126,7 +127,8 @@ def cell(lab, a, edits, hp, work: Path, base_loc: list[str], text: str) -> dict:
             "stop": log.get("stop"), "learnt": marks["learnt"] / n,
             "reliability": sum(s["reliable"]) / len(idx), "generalization": sum(s["general"]) / len(idx),
             "locality_unchanged": sum(s["local"]) / len(idx), "scored": len(idx),
-            "reliability_ci95": wilson(sum(s["reliable"]), len(idx)) if len(idx) < n else None, "perplexity_base": drift["perplexity"]["base"],
+            "reliability_ci95": wilson(sum(s["reliable"]), len(idx)) if len(idx) < n else None,
+            "perplexity_base": drift["perplexity"]["base"],
             "perplexity": drift["perplexity"]["edited"], "kl_per_token": drift["kl_base_edited_per_token"],
             "train_s": log["seconds"], "s_per_edit": log["seconds"] / n, "prefix_s": log["prefix_seconds"],
             "epoch_s": train_epochs / len(epochs), "ms_per_edit_epoch": train_epochs / len(epochs) / n * 1e3,
@@ -159,9 +161,11 @@ def main(argv=None):
             lab.originals = {k: v.detach().clone() for k, v in names.items()}
             everything = common.edit_set(a.edits, max(ns))
         idx = sample_of(n, a.sample)
-        whole = max(m for m in ns if len(sample_of(m, a.sample)) == m) if len(idx) == n else None
-        base_loc = base_answers(lab, everything[:whole], work / f"{Path(a.ckpt).name}-base.json") if whole else \
-            base_answers(lab, [everything[i] for i in idx], work / f"{Path(a.ckpt).name}-{n}-sample{len(idx)}-base.json")
+        if len(idx) == n:  # the base answers of the largest cell scored whole, computed once and kept
+            base_loc = base_answers(lab, everything[:max(m for m in ns if len(sample_of(m, a.sample)) == m)],
+                                    work / f"{Path(a.ckpt).name}-base.json")
+        else:
+            base_loc = base_answers(lab, [everything[i] for i in idx], work / f"{Path(a.ckpt).name}-{n}-sample{len(idx)}-base.json")
         t0 = time.time()
         row = cell(lab, a, everything[:n], hp, work, base_loc, text)
         row["wall_s"] = time.time() - t0
