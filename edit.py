@@ -150,12 +150,12 @@ def locft_bf(model, tok, edits: list[data.Edit], hp: Hparams, cache_device=None,
     t0 = time.time()
     encoded, cache, reg, keep = prepare(model, tok, edits, hp, cache_device, say)  # steps 1, 2
     n = len(encoded)
-    bs = hp.batch_size or auto_batch_size(n)
+    bs = hp.batch_for(n)
     log = {"batch_size": bs, "prefix_seconds": time.time() - t0, "epochs": []}
     L, N = hp.layer, model.args.n_layers
     guess = f"; about {fmt_seconds(cache.seconds * 3 * (N - L) / L)} per epoch" if L and reg is None else ""
     say(f"{n} training sequences ({sum(len(ids) for ids, _ in encoded)} tokens), batch {bs} "
-        f"({math.ceil(n / bs)} steps per epoch), up to {hp.epochs} epochs{guess}")
+        f"({math.ceil(n / bs)} step{'s' * (n > bs)} per epoch), up to {hp.epochs} epochs{guess}")
     shuffle = torch.Generator().manual_seed(hp.seed)
     with trainable_copies(model, model_lib.select_params(model, hp.layer, hp.module)) as params:  # step 3
         opt = make_optimizer(params, hp)

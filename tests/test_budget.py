@@ -99,7 +99,7 @@ def test_authors_budget_is_25_epochs_of_batch_100_without_a_plateau_stop(ckpt, t
     _, log = edit.edit(m, tok, data.load_edits(edits_file), hp, say=lines.append)
     assert [e["steps"] + e["skipped"] for e in log["epochs"]] == [2] * 25  # 100 + 50 edits, every epoch
     assert log["batch_size"] == 100 and log["stop"] == "epoch cap: 25 epochs"
-    assert lines[-1].startswith(f"stopped at the epoch cap with {150 - log['learnt']['learnt']} edits not learnt: raise --epochs")
+    assert lines[-1].startswith(f"stopped at the epoch cap with {150 - log['learnt']['learnt']} of 150 edits not learnt: raise --epochs")
     # the same nearly frozen run under a plateau rule stops once nothing moves
     _, log = edit.edit(m, tok, data.load_edits(edits_file), edit.Hparams(layer=1, lr=1e-6, patience=3), say=lambda s: None)
     assert log["stop"].startswith("plateau") and log["epochs_run"] < 25
