@@ -38,5 +38,6 @@ def advise(log: dict, hp, say):
     """One line when a run ends at its epoch cap with edits not learnt: what to change."""
     missed = log["learnt"]["edits"] - log["learnt"]["learnt"]
     if missed and (log.get("stop") or "").startswith("epoch cap"):
-        say(f"stopped at the epoch cap with {missed} of {log['learnt']['edits']} edits not learnt: raise --epochs (now {hp.epochs}) "
-            f"or --lr (now {hp.lr:g}), or use a smaller --batch-size (now {log['batch_size']}) for more steps per epoch")
+        say(f"stopped at the epoch cap with {missed} of {log['learnt']['edits']} edits not learnt: "
+            f"raise --epochs (now {hp.epochs}) or --lr (now {hp.lr:g}), "
+            f"or use a smaller --batch-size (now {log['batch_size']}) for more steps per epoch")
