@@ -26,7 +26,7 @@ def main(argv=None):
     a, n, limit = common.parse(p, argv, n=(100, 20))
     lab, edits, hp = common.setup(a, n, limit)
     setting = (f"Layer {hp.layer} `{hp.module}`, lr {hp.lr:g}, at most {hp.epochs} epochs, "
-               "batch min(32, ceil(sequences/10)), edit.py's default")
+               "edit.py's batch rule for each run's sequences (the batch column)")
     rows = []
     for name, run_hp in (("LocFT-BF", hp), (f"LocFT-BF + {a.k} prefixes", replace(hp, augment_prefixes=a.k))):
         scores, log = lab.run(name, edits, run_hp)
